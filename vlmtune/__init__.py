@@ -1,0 +1,3 @@
+"""vlmtune: fine-tune vision-language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,178 @@
+"""Conversation -> token ids + labels (assistant-only), and samples -> padded batches.
+
+:func:`SampleEncoder.__call__` is the one place that owns token ids and the loss mask together: it renders
+the conversation with the processor's own chat template, lets the processor expand image tokens, then marks
+as trained exactly the assistant answers plus the token(s) that end each assistant turn, using the family's
+markers. It checks its own work by decoding the trained spans and comparing them with the answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from vlmtune.data.formats import SampleError
+from vlmtune.families import Family
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    """One processed sample. ``tensors`` holds every processor output; sequence-aligned ones are 1-D."""
+
+    index: int
+    tensors: dict[str, torch.Tensor]
+    seq_keys: tuple[str, ...]  # keys aligned with input_ids (padded in batches); the rest are concatenated
+
+    @property
+    def length(self) -> int:
+        return int(self.tensors["input_ids"].numel())
+
+    @property
+    def supervised(self) -> int:
+        return int((self.tensors["labels"] != IGNORE).sum())
+
+
+@dataclass
+class Skipped:
+    index: int
+    reason: str
+    message: str
+
+
+def find_subsequence(seq: list[int], sub: list[int], start: int) -> int:
+    """Index of the first occurrence of `sub` in `seq` at or after `start`, or -1."""
+    n = len(sub)
+    first = sub[0]
+    for i in range(start, len(seq) - n + 1):
+        if seq[i] == first and seq[i : i + n] == sub:
+            return i
+    return -1
+
+
+def assistant_spans(ids: list[int], start_ids: list[int], end_ids: list[int]) -> list[tuple[int, int]]:
+    """[begin, end) token spans of each assistant answer including its end marker."""
+    spans, pos = [], 0
+    while (s := find_subsequence(ids, start_ids, pos)) >= 0:
+        begin = s + len(start_ids)
+        e = find_subsequence(ids, end_ids, begin)
+        if e < 0:  # an answer that never ends (cut off): not trainable
+            break
+        spans.append((begin, e + len(end_ids)))
+        pos = e + len(end_ids)
+    return spans
+
+
+def _answers(conversation: list[dict]) -> list[str]:
+    return ["".join(p["text"] for p in m["content"] if p["type"] == "text")
+            for m in conversation if m["role"] == "assistant"]
+
+
+def _images(conversation: list[dict]) -> list:
+    return [p["image"] for m in conversation for p in m["content"] if p["type"] == "image"]
+
+
+@dataclass
+class SampleEncoder:
+    """Callable Conversation -> Encoded. Picklable, so DataLoader workers can run it."""
+
+    processor: object
+    family: Family
+    max_length: int
+    overlong: str = "drop"  # or "truncate_text": cut text after the last image token
+    vision_token_ids: frozenset[int] = field(default_factory=frozenset)
+
+    def __post_init__(self) -> None:
+        tok = self.processor.tokenizer
+        self.start_ids = tok(self.family.assistant_start, add_special_tokens=False)["input_ids"]
+        self.end_ids = tok(self.family.assistant_end, add_special_tokens=False)["input_ids"]
+        ids = {getattr(self.processor, a, None) for a in ("image_token_id", "video_token_id")}
+        ids |= {getattr(tok, a, None) for a in ("image_token_id", "video_token_id")}
+        self.vision_token_ids = frozenset(self.vision_token_ids | {i for i in ids if isinstance(i, int)})
+
+    def render(self, conversation: list[dict]) -> str:
+        if self.family.append_eos:  # the template ends assistant turns with no EOS: add it to the answer text
+            eos = self.processor.tokenizer.eos_token
+            conversation = [
+                {**m, "content": [*m["content"], {"type": "text", "text": eos}]} if m["role"] == "assistant" else m
+                for m in conversation
+            ]
+        return self.processor.apply_chat_template(conversation, tokenize=False)
+
+    def __call__(self, conversation: list[dict], index: int) -> Encoded:
+        text = self.render(conversation)
+        images = _images(conversation)
+        try:
+            out = self.processor(text=[text], images=images or None, return_tensors="pt")
+        except (ValueError, RuntimeError) as e:  # processors raise these on token/image count mismatches
+            raise SampleError("placeholder_mismatch", f"sample {index}: the processor rejected it: {e}") from e
+        ids = out["input_ids"][0].tolist()
+        labels = self.labels(ids, conversation, index)
+        length = len(ids)
+        seq_keys = tuple(k for k, v in out.items()
+                         if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape == out["input_ids"].shape)
+        tensors = {k: (v[0] if k in seq_keys else v) for k, v in out.items() if isinstance(v, torch.Tensor)}
+        tensors["labels"] = torch.tensor(labels)
+        if length > self.max_length:
+            tensors = self.shorten(tensors, seq_keys, index, length)
+        enc = Encoded(index, tensors, (*seq_keys, "labels"))
+        if enc.supervised == 0:
+            raise SampleError("no_supervised_tokens", f"sample {index}: no assistant tokens to train on")
+        return enc
+
+    def labels(self, ids: list[int], conversation: list[dict], index: int) -> list[int]:
+        spans = assistant_spans(ids, self.start_ids, self.end_ids)
+        answers = _answers(conversation)
+        if len(spans) != len(answers):
+            raise SampleError(
+                "assistant_markers",
+                f"sample {index}: found {len(spans)} assistant turn(s) marked by {self.family.assistant_start!r}"
+                f"...{self.family.assistant_end!r} in the rendered chat, but the conversation has {len(answers)}; "
+                f"the {self.family.name} family rule in vlmtune/families.py does not match this chat template",
+            )
+        labels = [IGNORE] * len(ids)
+        tok = self.processor.tokenizer
+        for (b, e), answer in zip(spans, answers, strict=True):
+            labels[b:e] = ids[b:e]
+            # Self-check: what we train on must decode to the answer and the end-of-turn marker, nothing else.
+            got = tok.decode(ids[b:e])
+            want = answer + self.family.assistant_end
+            if got.strip() != want.strip():
+                raise SampleError("label_mismatch",
+                                  f"sample {index}: trained span decodes to {got!r}, expected {want!r}")
+        return labels
+
+    def shorten(self, tensors: dict, seq_keys: Sequence[str], index: int, length: int) -> dict:
+        ids = tensors["input_ids"]
+        vision_pos = [i for i, t in enumerate(ids.tolist()) if t in self.vision_token_ids]
+        last_vision = vision_pos[-1] if vision_pos else -1
+        if self.overlong == "truncate_text" and last_vision < self.max_length:
+            return {k: (v[: self.max_length] if k in (*seq_keys, "labels") else v) for k, v in tensors.items()}
+        raise SampleError(
+            "too_long",
+            f"sample {index}: {length} tokens > train.max_length={self.max_length} (image tokens end at "
+            f"{last_vision + 1}); raise train.max_length, lower the image resolution (model.processor_kwargs), "
+            "or set train.overlong=truncate_text to cut text after the last image",
+        )
+
+
+def collate(items: Sequence[Encoded | Skipped], pad_id: int) -> dict:
+    """Pad sequence-aligned tensors on the right; concatenate the vision tensors of the kept samples."""
+    kept = [it for it in items if isinstance(it, Encoded)]
+    batch: dict = {"skipped": [it for it in items if isinstance(it, Skipped)], "indices": [e.index for e in kept]}
+    if not kept:
+        return batch
+    width = max(e.length for e in kept)
+    keys = {k for e in kept for k in e.tensors}
+    seq_keys = set(kept[0].seq_keys)
+    for key in sorted(keys):
+        if key in seq_keys:
+            fill = {"input_ids": pad_id, "labels": IGNORE}.get(key, 0)
+            rows = [torch.nn.functional.pad(e.tensors[key], (0, width - e.length), value=fill) for e in kept]
+            batch[key] = torch.stack(rows)
+        else:
+            batch[key] = torch.cat([e.tensors[key] for e in kept if key in e.tensors])
+    return batch

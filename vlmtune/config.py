@@ -1,0 +1,186 @@
+"""The Recipe: one typed config tree, validated once at the boundary.
+
+YAML + ``key.path=value`` overrides -> :class:`Recipe`. Every problem is reported at once, each with its
+key path and a hint (``did you mean ...``). Components receive plain values, never the YAML.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DataFormat = Literal["auto", "cord_v2", "rdr", "messages", "llava", "sharegpt", "columns"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    name_or_path: str = Field(description="Hub id (e.g. Qwen/Qwen2.5-VL-3B-Instruct) or a local folder.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    attn_implementation: str | None = None  # None: the family's default (sdpa unless a family needs eager)
+    trust_remote_code: bool = False
+    revision: str | None = None
+    # Image processor overrides, e.g. {max_pixels: 200704} for Qwen; passed to AutoProcessor.from_pretrained.
+    processor_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataSource(_Strict):
+    source: str  # hub id, local folder, or a .json / .jsonl / .parquet file
+    format: DataFormat = "auto"
+    split: str = "train"
+    limit: int | None = Field(default=None, ge=1)  # use only the first N rows
+    prompt: str | None = None  # user prompt for cord_v2 / rdr / columns (image + text); format default if None
+    system_prompt: str | None = None
+    cord_target: Literal["tokens", "json"] = "tokens"  # Donut-style <s_key>..</s_key> or plain JSON
+    image_root: str | None = None  # base for relative image paths (default: the data file's folder)
+    # columns format: which column holds what
+    image_column: str = "image"
+    text_column: str = "text"
+    question_column: str = "question"
+    answer_column: str = "answer"
+
+
+class DataConfig(_Strict):
+    train: DataSource
+    validation: DataSource | None = None
+    num_workers: int = Field(default=0, ge=0)
+    max_bad_fraction: float = Field(default=0.5, ge=0.0, le=1.0)  # stop when more than this is skipped
+
+
+class TrainConfig(_Strict):
+    max_steps: int | None = Field(default=None, ge=1)
+    epochs: float | None = Field(default=None, gt=0)
+    micro_batch_size: int = Field(default=1, ge=1)
+    global_batch_size: int = Field(default=8, ge=1)
+    lr: float = Field(default=1e-5, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(default=0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    seed: int = 0
+    val_every_steps: int | None = Field(default=None, ge=1)
+    val_max_batches: int | None = Field(default=None, ge=1)
+    max_length: int = Field(default=2048, ge=8)
+    overlong: Literal["drop", "truncate_text"] = "drop"
+    log_every_steps: int = Field(default=1, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _batch_sizes(self) -> TrainConfig:
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"global_batch_size ({self.global_batch_size}) must be a multiple of micro_batch_size "
+                f"({self.micro_batch_size}); gradient accumulation = global / (micro * world size)"
+            )
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set train.max_steps or train.epochs")
+        return self
+
+
+class FreezeConfig(_Strict):
+    vision_tower: bool = False
+    projector: bool = False
+    language_model: bool = False
+
+
+class Recipe(_Strict):
+    output_dir: str = "runs/demo"
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+
+    @model_validator(mode="after")
+    def _something_trains(self) -> Recipe:
+        if self.freeze.vision_tower and self.freeze.projector and self.freeze.language_model:
+            raise ValueError("freeze.vision_tower, freeze.projector and freeze.language_model are all true: "
+                             "nothing would train; unfreeze at least one")
+        return self
+
+
+class RecipeError(ValueError):
+    """Every problem with a recipe, one per line."""
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a","b","c"], value parsed as YAML, so 3 -> int, true -> bool, null -> None)."""
+    if "=" not in item:
+        raise RecipeError(f"override {item!r} is not of the form key.path=value (e.g. train.max_steps=100)")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = tree
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
+    return tree
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {str(path)!r} does not exist")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise RecipeError(f"recipe {str(path)!r} must be a mapping at the top level")
+    return tree
+
+
+def _known_keys(model: type[BaseModel], path: tuple) -> list[str]:
+    """The field names at a key path of the schema, for 'did you mean' hints."""
+    for part in path:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        candidates = [a for a in getattr(field.annotation, "__args__", ()) or (field.annotation,)]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return []
+        model = nested[0]
+    return list(model.model_fields)
+
+
+def _format_error(err: dict) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    key = ".".join(str(p) for p in loc) or "(recipe)"
+    if err["type"] == "extra_forbidden":
+        known = _known_keys(Recipe, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
+        return f"{key}: unknown key{hint} (known here: {', '.join(known)})"
+    if err["type"] == "missing":
+        return f"{key}: required, but not set"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{key}: {msg} (got {err.get('input')!r})" if err["type"] != "value_error" else f"{key}: {msg}"
+
+
+def build_recipe(tree: dict) -> Recipe:
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as e:
+        lines = [_format_error(err) for err in e.errors()]
+        raise RecipeError(f"the recipe has {len(lines)} problem(s):\n  - " + "\n  - ".join(lines)) from None
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = (), default: dict | None = None) -> Recipe:
+    tree = load_yaml(path) if path else dict(default or {})
+    return build_recipe(apply_overrides(tree, list(overrides)))
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

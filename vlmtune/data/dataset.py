@@ -1,0 +1,70 @@
+"""Rows -> Conversations -> Encoded samples, lazily (in DataLoader workers), and a resumable sampler."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from vlmtune.collate import Encoded, SampleEncoder, Skipped
+from vlmtune.config import DataSource
+from vlmtune.data.formats import SampleError, check_columns, detect_format, to_conversation
+from vlmtune.data.sources import load_rows
+
+
+class SFTDataset(Dataset):
+    """Each item is an :class:`Encoded` sample, or a :class:`Skipped` record saying why not.
+
+    Skipping is decided by the sample alone, so a run (and a resumed run) skips the same samples.
+    """
+
+    def __init__(self, spec: DataSource, encoder: SampleEncoder, where: str):
+        self.spec, self.encoder, self.where = spec, encoder, where
+        self.rows, self.base_dir = load_rows(spec, where)
+        columns = list(self.rows.column_names) if hasattr(self.rows, "column_names") else _columns(self.rows)
+        self.format = detect_format(columns) if spec.format == "auto" else spec.format
+        check_columns(columns, self.format, spec, where)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def conversation(self, index: int) -> list[dict]:
+        return to_conversation(self.rows[index], self.format, self.spec, self.base_dir, index)
+
+    def __getitem__(self, index: int) -> Encoded | Skipped:
+        try:
+            return self.encoder(self.conversation(index), index)
+        except SampleError as e:
+            return Skipped(index, e.reason, str(e))
+
+
+def _columns(rows: Sequence[dict]) -> list[str]:
+    return sorted({k for row in rows[:100] for k in row}) if rows else []
+
+
+class EpochSampler(Sampler[int]):
+    """A fresh seeded permutation each epoch; this rank takes every world-th index.
+
+    Its position is (epoch, offset): restoring both resumes the exact index stream.
+    """
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True):
+        self.size, self.seed, self.rank, self.world, self.shuffle = size, seed, rank, world, shuffle
+        self.epoch, self.offset = 0, 0
+
+    def order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            idx = list(range(self.size))
+        else:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            idx = torch.randperm(self.size, generator=g).tolist()
+        usable = len(idx) - len(idx) % self.world  # equal share per rank keeps collectives in step
+        return idx[self.rank : usable : self.world]
+
+    def __len__(self) -> int:
+        return self.size // self.world
+
+    def __iter__(self) -> Iterator[int]:
+        yield from self.order(self.epoch)[self.offset :]
+

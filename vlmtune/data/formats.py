@@ -1,0 +1,448 @@
+"""Source formats -> Conversation, the one internal sample shape.
+
+A Conversation is a list of messages ``{"role": "system"|"user"|"assistant", "content": [part, ...]}`` whose
+parts are ``{"type": "text", "text": str}`` or ``{"type": "image", "image": PIL.Image.Image}`` (decoded, RGB).
+Each format is one converter in :data:`FORMATS`; nothing downstream knows which format a sample came from.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import PIL.Image
+
+from vlmtune.config import DataSource
+
+Conversation = list[dict]
+
+IMAGE_TOKEN = "<image>"
+CORD_PROMPT = "Extract the receipt as JSON."
+CAPTION_PROMPT = "Describe this image."
+SAMPLE_ERROR_REASONS = ("unreadable_image", "placeholder_mismatch", "empty_answer", "bad_record")
+
+# Role spellings of LLaVA / ShareGPT / Gemma-style data, mapped to the three chat roles.
+ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+         "model": "assistant"}
+
+
+class SampleError(Exception):
+    """One bad sample: the caller skips it and counts it under ``reason`` (one of SAMPLE_ERROR_REASONS)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class DataError(ValueError):
+    """A problem with the whole dataset (missing column, unknown format, unreachable source)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Donut-style token serialisation of CORD ground truth
+
+
+def json_to_tokens(obj: Any) -> str:
+    """Donut's json2token with keys in file order (its CORD config has ``sort_json_key: False``)."""
+    if isinstance(obj, dict):
+        if len(obj) == 1 and "text_sequence" in obj:
+            return str(obj["text_sequence"])
+        return "".join(f"<s_{k}>{json_to_tokens(v)}</s_{k}>" for k, v in obj.items())
+    if isinstance(obj, list):
+        return "<sep/>".join(json_to_tokens(v) for v in obj)
+    return str(obj)
+
+
+_START_TAG = re.compile(r"<s_(.*?)>")
+
+
+def tokens_to_json(text: str) -> dict:
+    """Inverse of :func:`json_to_tokens`, tolerant of malformed (generated) text, like Donut's token2json.
+
+    A one-element list comes back as its element and unmatched tags are dropped; text with no tags at all
+    comes back as ``{"text_sequence": text}``.
+    """
+    return _parse_tokens(text, inner=False)
+
+
+def _parse_tokens(text: str, inner: bool) -> Any:
+    out: dict = {}
+    while text:
+        start = _START_TAG.search(text)
+        if start is None:
+            break
+        key = start.group(1)
+        end_tag = f"</s_{key}>"
+        end = text.find(end_tag, start.end())
+        if end < 0:  # unclosed tag: drop it and read on
+            text = text[: start.start()] + text[start.end():]
+            continue
+        content = text[start.end(): end].strip()
+        if "<s_" in content and "</s_" in content:
+            value = _parse_tokens(content, inner=True)
+            if value:
+                out[key] = value[0] if len(value) == 1 else value
+        else:
+            leaves = [leaf.strip() for leaf in content.split("<sep/>")]
+            out[key] = leaves[0] if len(leaves) == 1 else leaves
+        text = text[end + len(end_tag):].strip()
+        if text.startswith("<sep/>"):  # a list of dicts: this one ends, the next begins
+            return [out, *_parse_tokens(text[len("<sep/>"):], inner=True)]
+    if out:
+        return [out] if inner else out
+    return [] if inner else {"text_sequence": text}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-record context: image resolution and error messages
+
+
+@dataclass(frozen=True)
+class _Record:
+    spec: DataSource
+    base_dir: Path | None
+    index: int
+
+    def error(self, reason: str, message: str) -> SampleError:
+        return SampleError(reason, f"row {self.index}: {message}")
+
+    def get(self, row: dict, column: str) -> Any:
+        value = row.get(column)
+        if value is None:
+            raise self.error("bad_record", f"column {column!r} is missing or null; fix or remove the record")
+        return value
+
+    def image(self, value: Any) -> PIL.Image.Image:
+        if isinstance(value, PIL.Image.Image):
+            return self._decode(value, "in-memory image")
+        if isinstance(value, dict) and ("bytes" in value or "path" in value):  # HF Image storage
+            if value.get("bytes"):
+                return self._decode(io.BytesIO(value["bytes"]), value.get("path") or "bytes")
+            value = value.get("path")
+        if isinstance(value, bytes | bytearray):
+            return self._decode(io.BytesIO(value), "bytes")
+        if isinstance(value, str | Path):
+            return self._image_at(str(value))
+        if value is None:
+            raise self.error("bad_record", "an image is missing (null); fix or remove the record")
+        raise self.error("bad_record", f"image value of type {type(value).__name__} is not supported; use a "
+                                       "path, a PIL image or {'bytes': ..., 'path': ...}")
+
+    def _image_at(self, ref: str) -> PIL.Image.Image:
+        if ref.startswith(("http://", "https://")):
+            raise self.error("unreadable_image", f"image {ref!r} is a remote URL; vlmtune does not fetch "
+                                                 "images over the network: download them and use local paths")
+        if ref.startswith("data:") and ";base64," in ref:
+            try:
+                data = base64.b64decode(ref.split(";base64,", 1)[1])
+            except binascii.Error as e:
+                raise self.error("unreadable_image", f"data: URI image is not valid base64 ({e})") from e
+            return self._decode(io.BytesIO(data), "data: URI")
+        path = Path(unquote(ref.removeprefix("file://"))).expanduser()
+        if not path.is_absolute():
+            root = Path(self.spec.image_root) if self.spec.image_root else self.base_dir
+            path = (root or Path.cwd()) / path
+        if not path.is_file():
+            raise self.error("unreadable_image", f"image {ref!r} not found (looked at {str(path)!r}); fix "
+                                                 "the path or set the data source's image_root")
+        return self._decode(path, ref)
+
+    def _decode(self, source: PIL.Image.Image | io.BytesIO | Path, label: str) -> PIL.Image.Image:
+        # Force-load every pixel here, so a truncated or corrupt file is one counted SampleError now instead
+        # of a crash inside the processor later.
+        try:
+            if isinstance(source, PIL.Image.Image):
+                source.load()
+                return _to_rgb(source)
+            with PIL.Image.open(source) as im:
+                im.load()
+                return _to_rgb(im)
+        except (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise self.error("unreadable_image",
+                             f"image {label!r} could not be read ({reason}); fix or remove the file") from e
+
+
+def _to_rgb(im: PIL.Image.Image) -> PIL.Image.Image:
+    # Transparent pixels go on white, as transformers' convert_to_rgb does, so documents stay readable.
+    if "A" in im.getbands() or "a" in im.getbands() or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building blocks shared by the converters
+
+
+def _text(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+def _slot(value: Any = None) -> dict:
+    """An image part; ``image`` holds the raw value until decoding, or None for a placeholder to fill."""
+    return {"type": "image", "image": value}
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _split_image_tokens(text: str) -> list[dict]:
+    """``"<image>\\nWhat?"`` -> [placeholder, text "\\nWhat?"]: text is kept exactly, empty pieces dropped."""
+    parts: list[dict] = []
+    for i, piece in enumerate(text.split(IMAGE_TOKEN)):
+        if i:
+            parts.append(_slot())
+        if piece:
+            parts.append(_text(piece))
+    return parts
+
+
+def _part(part: Any, rec: _Record) -> dict:
+    if isinstance(part, str):
+        return _text(part)
+    if not isinstance(part, dict):
+        raise rec.error("bad_record", f"content part {part!r} is neither a string nor a dict")
+    kind = part.get("type") or ("text" if part.get("text") is not None else None)
+    if kind == "text":
+        return _text(part.get("text") or "")
+    if kind == "image":  # parquet structs carry None for absent keys, so look for the first real value
+        return _slot(next((part[k] for k in ("image", "path", "url") if part.get(k) is not None), None))
+    if kind == "image_url":  # OpenAI style: {"type": "image_url", "image_url": {"url": ...}}
+        url = part.get("image_url")
+        return _slot(url.get("url") if isinstance(url, dict) else url)
+    raise rec.error("bad_record", f"content part of type {kind!r} is not supported (only text and image)")
+
+
+def _message(turn: Any, rec: _Record) -> dict:
+    """A turn as {role, content} (HF/OpenAI) or {from, value} (LLaVA/ShareGPT) -> a message of typed parts."""
+    if not isinstance(turn, dict):
+        raise rec.error("bad_record", f"turn {turn!r} is not a dict with role/content or from/value")
+    raw_role = turn.get("role") if turn.get("role") is not None else turn.get("from")
+    role = ROLES.get(str(raw_role).lower())
+    if role is None:
+        raise rec.error("bad_record", f"role {raw_role!r} is not supported; use one of {sorted(ROLES)}")
+    content = turn.get("content") if "content" in turn or "value" not in turn else turn.get("value")
+    if isinstance(content, str):
+        parts = _split_image_tokens(content)
+    else:
+        parts = [_part(p, rec) for p in _as_list(content)]
+    return {"role": role, "content": parts}
+
+
+def _place_images(conv: Conversation, images: list, rec: _Record, *, implicit: bool) -> Conversation:
+    """Fill image placeholders in order; with ``implicit`` and no placeholder at all, images open the first
+    user turn (what LLaVA and TRL do)."""
+    slots = [p for m in conv for p in m["content"] if p["type"] == "image" and p["image"] is None]
+    if implicit and not slots and images:
+        first_user = next((m for m in conv if m["role"] == "user"), None)
+        if first_user is not None:
+            first_user["content"][:0] = [_slot(v) for v in images]
+            return conv
+    if len(slots) != len(images):
+        raise rec.error("placeholder_mismatch",
+                        f"{len(slots)} image placeholder(s) ({IMAGE_TOKEN} tokens or {{'type': 'image'}} "
+                        f"parts) but {len(images)} image(s); make them match")
+    for slot, value in zip(slots, images, strict=True):
+        slot["image"] = value
+    return conv
+
+
+def _single_turn(images: list, prompt: str, answer: Any) -> Conversation:
+    return [{"role": "user", "content": [*(_slot(v) for v in images), _text(prompt)]},
+            {"role": "assistant", "content": [_text("" if answer is None else str(answer))]}]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The converters, one per format
+
+
+def _ground_truth(value: Any, rec: _Record) -> Any:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise rec.error("bad_record", f"ground_truth is not valid JSON ({e}); fix the record") from e
+    if isinstance(value, dict) and isinstance(value.get("gt_parse"), dict):
+        return value["gt_parse"]
+    if isinstance(value, dict) and isinstance(value.get("gt_parses"), list) and value["gt_parses"]:
+        return value["gt_parses"][0]  # the first, not a random one: the same target every epoch
+    raise rec.error("bad_record", "ground_truth has neither a 'gt_parse' dict nor a non-empty 'gt_parses' "
+                                  "list; fix the record")
+
+
+def _from_cord(row: dict, rec: _Record) -> Conversation:
+    gt = _ground_truth(rec.get(row, "ground_truth"), rec)
+    target = json_to_tokens(gt) if rec.spec.cord_target == "tokens" else json.dumps(gt, ensure_ascii=False)
+    return _single_turn(_as_list(rec.get(row, rec.spec.image_column)), rec.spec.prompt or CORD_PROMPT, target)
+
+
+def _from_caption(row: dict, rec: _Record) -> Conversation:
+    s = rec.spec
+    images = _as_list(rec.get(row, s.image_column))
+    return _single_turn(images, s.prompt or CAPTION_PROMPT, row.get(s.text_column))
+
+
+def _from_columns(row: dict, rec: _Record) -> Conversation:
+    s = rec.spec
+    if row.get(s.question_column) is None:
+        return _from_caption(row, rec)
+    return _single_turn(_as_list(rec.get(row, s.image_column)), str(row[s.question_column]),
+                        row.get(s.answer_column))
+
+
+def _turns(value: Any, role: str) -> list:
+    """TRL prompt/completion: a list of messages, or a plain string for the standard (non-chat) variant."""
+    return [{"role": role, "content": value}] if isinstance(value, str) else _as_list(value)
+
+
+def _from_messages(row: dict, rec: _Record) -> Conversation:
+    if row.get("messages") is not None:
+        turns = _as_list(row["messages"])
+    else:
+        turns = _turns(rec.get(row, "prompt"), "user") + _turns(rec.get(row, "completion"), "assistant")
+    images = row.get("images") if row.get("images") is not None else row.get(rec.spec.image_column)
+    return _place_images([_message(t, rec) for t in turns], _as_list(images), rec, implicit=True)
+
+
+def _from_llava(row: dict, rec: _Record) -> Conversation:
+    conv = [_message(t, rec) for t in _as_list(rec.get(row, "conversations"))]
+    return _place_images(conv, _as_list(row.get("image")), rec, implicit=True)
+
+
+def _from_sharegpt(row: dict, rec: _Record) -> Conversation:
+    turns = row.get("conversations") if row.get("conversations") is not None else rec.get(row, "messages")
+    conv = [_message(t, rec) for t in _as_list(turns)]
+    if isinstance(row.get("system"), str) and row["system"]:  # LLaMA-Factory's optional system column
+        conv.insert(0, {"role": "system", "content": [_text(row["system"])]})
+    return _place_images(conv, _as_list(row.get("images")), rec, implicit=False)
+
+
+FORMATS: dict[str, Callable[[dict, _Record], Conversation]] = {
+    "cord_v2": _from_cord,
+    "rdr": _from_caption,
+    "columns": _from_columns,
+    "messages": _from_messages,
+    "llava": _from_llava,
+    "sharegpt": _from_sharegpt,
+}
+
+
+def _finish(conv: Conversation, rec: _Record) -> Conversation:
+    for message in conv:
+        message["content"] = [p for p in message["content"] if not (p["type"] == "text" and p["text"] == "")]
+    answers = [m for m in conv if m["role"] == "assistant"]
+    if not answers:
+        raise rec.error("empty_answer", "the conversation has no assistant turn: nothing to train on")
+    for m in answers:
+        if not "".join(p["text"] for p in m["content"] if p["type"] == "text").strip():
+            raise rec.error("empty_answer", "an assistant turn has no text; fix or remove the record")
+    if rec.spec.system_prompt and conv[0]["role"] != "system":
+        conv.insert(0, {"role": "system", "content": [_text(rec.spec.system_prompt)]})
+    for message in conv:
+        for part in message["content"]:
+            if part["type"] == "image":
+                part["image"] = rec.image(part["image"])
+    return conv
+
+
+def to_conversation(row: dict, fmt: str, spec: DataSource, base_dir: Path | None, index: int) -> Conversation:
+    """One record of format ``fmt`` -> a Conversation with decoded RGB images.
+
+    Raises SampleError for a bad record and DataError for an unknown format. ``spec.system_prompt`` is
+    added only to records that bring no system turn of their own.
+    """
+    if fmt not in FORMATS:
+        raise DataError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
+    rec = _Record(spec, base_dir, index)
+    if not isinstance(row, dict):
+        raise rec.error("bad_record", f"record is a {type(row).__name__}, not a JSON object")
+    return _finish(FORMATS[fmt](row, rec), rec)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Columns: detection and checks
+
+
+def _needs(fmt: str, spec: DataSource) -> list[list[str]]:
+    """Alternative column sets that satisfy a format, the usual one first."""
+    s = spec
+    return {
+        "cord_v2": [[s.image_column, "ground_truth"]],
+        "rdr": [[s.image_column, s.text_column]],
+        "columns": [[s.image_column, s.text_column], [s.image_column, s.question_column, s.answer_column]],
+        "messages": [["messages"], ["prompt", "completion"]],
+        "llava": [["conversations"]],
+        "sharegpt": [["conversations"], ["messages"]],
+    }[fmt]
+
+
+# Auto-detection, first match wins: (format, columns that must all be present).
+_DETECT = [
+    ("cord_v2", {"image", "ground_truth"}),
+    ("messages", {"messages"}),
+    ("messages", {"prompt", "completion"}),
+    ("llava", {"conversations", "image"}),
+    ("sharegpt", {"conversations", "images"}),
+    ("columns", {"image", "question", "answer"}),
+    ("columns", {"image", "text"}),
+]
+_FORMAT_HELP = ("cord_v2 (image, ground_truth); messages (messages, or prompt + completion; optional "
+                "images); llava (conversations, image); sharegpt (conversations or messages, images); "
+                "columns (image + text, or image + question + answer; names set by image_column, "
+                "text_column, question_column, answer_column); rdr (image, text)")
+
+
+def detect_format(columns: Sequence[str], where: str = "data") -> str:
+    have = set(columns)
+    for fmt, needed in _DETECT:
+        if needed <= have:
+            return fmt
+    raise DataError(f"{where}: cannot tell the data format from the columns {sorted(have)}; set "
+                    f"{where}.format to one of: {_FORMAT_HELP}")
+
+
+def required_columns(fmt: str, spec: DataSource, columns: Sequence[str] | None = None) -> list[str]:
+    """The columns ``fmt`` reads; given the dataset's ``columns``, the variant they satisfy."""
+    if fmt not in FORMATS:
+        raise DataError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
+    options = _needs(fmt, spec)
+    have = set(columns or ())
+    return next((o for o in options if set(o) <= have), options[0])
+
+
+def _quote(cols: list[str]) -> str:
+    return ("column " if len(cols) == 1 else "columns ") + ", ".join(repr(c) for c in cols)
+
+
+def check_columns(columns: Sequence[str], fmt: str, spec: DataSource, where: str) -> None:
+    have = list(columns)
+    needed = required_columns(fmt, spec, have)
+    missing = [c for c in needed if c not in have]
+    if not missing:
+        return
+    others = [o for o in _needs(fmt, spec) if o != needed]
+    alt = "".join(f" (or {_quote(o)})" for o in others)
+    names = (f" (or set {where}.image_column / text_column / question_column / answer_column)"
+             if fmt in ("columns", "rdr", "cord_v2") else "")
+    raise DataError(f"{where} (source {spec.source!r}): format {fmt!r} needs {_quote(missing)}{alt}, found "
+                    f"columns {have}; set {where}.format or rename the column{names}")
+
+
+def resolve_format(columns: Sequence[str], spec: DataSource, where: str) -> str:
+    """``spec.format``, or the detected one when it is ``auto``; checked against the columns."""
+    fmt = detect_format(columns, where) if spec.format == "auto" else spec.format
+    check_columns(columns, fmt, spec, where)
+    return fmt

@@ -1,0 +1,60 @@
+"""metrics.jsonl, console progress, and the end-of-run summary."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class Metrics:
+    """One JSON object per line in ``output_dir/metrics.jsonl``; only the writing rank writes."""
+
+    def __init__(self, output_dir: Path, total_steps: int, enabled: bool = True, start_step: int = 0):
+        self.enabled = enabled
+        self.path = output_dir / "metrics.jsonl"
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not enabled or not sys.stderr.isatty(),
+                        dynamic_ncols=True, desc="train")
+        self.skipped: Counter[str] = Counter()
+        self.examples: dict[str, str] = {}  # one message per skip reason, for the summary
+        self.seen = 0
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def step(self, record: dict, print_line: bool) -> None:
+        self.write(record)
+        if not self.enabled:
+            return
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                             tok_s=f"{record['tokens_per_s']:.0f}")
+        if print_line and self.bar.disable:
+            print(f"step {record['step']:>5} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                  f"grad_norm {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s", flush=True)
+
+    def validation(self, step: int, val_loss: float, tokens: int) -> None:
+        self.write({"step": step, "val_loss": val_loss, "val_tokens": tokens})
+        if self.enabled:
+            tqdm.write(f"step {step:>5} | val_loss {val_loss:.4f} ({tokens} tokens)")
+
+    def count(self, n_seen: int, skipped: list) -> None:
+        self.seen += n_seen
+        for s in skipped:
+            self.skipped[s.reason] += 1
+            self.examples.setdefault(s.reason, s.message)
+
+    def skip_report(self) -> str:
+        if not self.skipped:
+            return "no samples skipped"
+        lines = [f"{n} x {reason} (e.g. {self.examples[reason]})" for reason, n in self.skipped.most_common()]
+        return f"skipped {sum(self.skipped.values())} of {self.seen} samples:\n    " + "\n    ".join(lines)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,99 @@
+"""Load a model and its processor (hub id or local folder), pick dtype and attention, freeze parts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PretrainedConfig
+
+from vlmtune.config import FreezeConfig, ModelConfig
+from vlmtune.families import Family, family_for, part_of
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def pick_device(choice: str = "auto") -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("train.device=cuda, but no CUDA device is visible; use train.device=auto or cpu")
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def pick_dtype(choice: str) -> torch.dtype:
+    """Weights dtype. ``auto`` keeps fp32 master weights; on CUDA the loop then autocasts to bf16."""
+    return torch.float32 if choice == "auto" else getattr(torch, choice)
+
+
+def autocast_dtype(device: torch.device, weights: torch.dtype) -> torch.dtype | None:
+    if device.type == "cuda" and weights == torch.float32 and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def _load_error(cfg: ModelConfig, what: str, err: Exception) -> ModelLoadError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if Path(cfg.name_or_path).exists():
+        hint = f"the folder {cfg.name_or_path!r} exists but its {what} could not be read; is it complete?"
+    else:
+        hint = (f"{cfg.name_or_path!r} is not a local folder, so it was looked up on the Hugging Face Hub and that "
+                "failed. If this machine is offline (or HF_HUB_OFFLINE=1), download the model elsewhere "
+                f"(`hf download {cfg.name_or_path} --local-dir ./model`) and set model.name_or_path to that folder; "
+                "gated models (Llama, Gemma) also need `hf auth login`")
+    return ModelLoadError(f"could not load the {what} of model.name_or_path={cfg.name_or_path!r}: {first}\n  {hint}")
+
+
+def load_config(cfg: ModelConfig) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision,
+                                          trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _load_error(cfg, "config", e) from e
+
+
+def load_processor(cfg: ModelConfig):
+    try:
+        processor = AutoProcessor.from_pretrained(cfg.name_or_path, revision=cfg.revision,
+                                                  trust_remote_code=cfg.trust_remote_code, **cfg.processor_kwargs)
+    except (OSError, ValueError) as e:
+        raise _load_error(cfg, "processor", e) from e
+    return processor
+
+
+def load_model(cfg: ModelConfig, device: torch.device) -> tuple[torch.nn.Module, object, Family]:
+    """Model (on `device`, train mode), processor, and the family row that describes it."""
+    hf_config = load_config(cfg)
+    family = family_for(hf_config.model_type)
+    processor = load_processor(cfg)
+    dtype = pick_dtype(cfg.dtype)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype,
+            attn_implementation=cfg.attn_implementation or family.attn_implementation,
+        )
+    except (OSError, ValueError) as e:
+        raise _load_error(cfg, "weights", e) from e
+    model.to(device)
+    model.train()
+    return model, processor, family
+
+
+def parameter_parts(model: torch.nn.Module, family: Family) -> dict[str, str | None]:
+    """name -> part for every parameter (None: belongs to no named part, e.g. an audio tower)."""
+    return {name: part_of(name, family) for name, _ in model.named_parameters()}
+
+
+def apply_freeze(model: torch.nn.Module, family: Family, freeze: FreezeConfig) -> dict[str, int]:
+    """Freeze the parts the recipe asks for; returns trainable parameter counts per part."""
+    frozen = {part for part in ("vision_tower", "projector", "language_model") if getattr(freeze, part)}
+    counts: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        part = part_of(name, family)
+        if part in frozen:
+            param.requires_grad_(False)
+        if param.requires_grad:
+            counts[str(part)] = counts.get(str(part), 0) + param.numel()
+    return counts

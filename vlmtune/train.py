@@ -1,0 +1,249 @@
+"""The training loop: read it top to bottom.
+
+One optimizer step = ``accum`` micro-batches. Its loss is the sum of token losses over every supervised token
+in the step divided by the number of those tokens (summed over micro-batches and, when distributed, over
+ranks), so the result does not depend on how tokens fall into micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from vlmtune.collate import IGNORE, SampleEncoder, collate
+from vlmtune.config import Recipe, recipe_to_yaml
+from vlmtune.data.dataset import EpochSampler, SFTDataset
+from vlmtune.data.formats import DataError
+from vlmtune.metrics import Metrics
+from vlmtune.model import apply_freeze, autocast_dtype, load_model, pick_device
+
+NON_MODEL_KEYS = ("labels", "skipped", "indices")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(value: float, device: torch.device) -> float:
+    if world()[1] == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return float(t.item())
+
+
+def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """LR multiplier after `step` optimizer steps: linear warmup, then cosine / linear decay to min_ratio."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return min_ratio + (1 - min_ratio) * decay
+
+
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype, cast_keys: tuple[str, ...]) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            if k in cast_keys and v.is_floating_point():
+                v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+def loss_sum(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Sum (not mean) of next-token losses over the supervised tokens of one micro-batch.
+
+    Only positions that predict a supervised token get logits (``logits_to_keep``), so the full
+    sequence x vocabulary logits are never built.
+    """
+    targets = batch["labels"][:, 1:]
+    keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(1)
+    inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), targets[:, keep].flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+
+
+def micro_batches(loader_for_epoch, sampler: EpochSampler) -> Iterator[dict]:
+    """Endless micro-batches; (sampler.epoch, sampler.offset) always points at the next unseen sample."""
+    while True:
+        for batch in loader_for_epoch():
+            sampler.offset += len(batch["indices"]) + len(batch["skipped"])
+            yield batch
+        sampler.epoch, sampler.offset = sampler.epoch + 1, 0
+
+
+@torch.no_grad()
+def validate(model, loader: DataLoader, device, dtype, cast_keys, amp, max_batches: int | None) -> tuple[float, int]:
+    model.eval()
+    total, count = 0.0, 0
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        if not batch["indices"]:
+            continue
+        batch = to_device(batch, device, dtype, cast_keys)
+        with amp():
+            total += float(loss_sum(model, batch))
+        count += int((batch["labels"][:, 1:] != IGNORE).sum())
+    model.train()
+    total, count = all_reduce_sum(total, device), int(all_reduce_sum(count, device))
+    return (total / count if count else float("nan")), count
+
+
+def save_final(model, processor, out: Path) -> Path:
+    """A Hugging Face folder, written beside its final place and renamed in, so it is whole or absent."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    processor.save_pretrained(tmp)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def finetune(recipe: Recipe) -> Path:
+    cfg, tcfg = recipe, recipe.train
+    rank, world_size = world()
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(tcfg.seed)
+    device = pick_device(tcfg.device)
+
+    # Model, processor, family; freezing.
+    model, processor, family = load_model(cfg.model, device)
+    trainable = apply_freeze(model, family, cfg.freeze)
+    weights_dtype = next(model.parameters()).dtype
+    amp_dtype = autocast_dtype(device, weights_dtype)
+    amp = (partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if amp_dtype
+           else contextlib.nullcontext)
+
+    # Data: rows -> conversations -> encoded samples, in loader workers.
+    encoder = SampleEncoder(processor, family, tcfg.max_length, tcfg.overlong)
+    train_ds = SFTDataset(cfg.data.train, encoder, "data.train")
+    val_ds = SFTDataset(cfg.data.validation, encoder, "data.validation") if cfg.data.validation else None
+    pad_id = processor.tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = processor.tokenizer.eos_token_id
+    collate_fn = partial(collate, pad_id=pad_id)
+    loader_kw = dict(batch_size=tcfg.micro_batch_size, collate_fn=collate_fn, num_workers=cfg.data.num_workers,
+                     pin_memory=device.type == "cuda", persistent_workers=False)
+    sampler = EpochSampler(len(train_ds), tcfg.seed, rank, world_size)
+    batches = micro_batches(lambda: DataLoader(train_ds, sampler=sampler, **loader_kw), sampler)
+    val_loader = None
+    if val_ds is not None:
+        val_sampler = EpochSampler(len(val_ds), tcfg.seed, rank, world_size, shuffle=False)
+        val_loader = DataLoader(val_ds, sampler=val_sampler, **loader_kw)
+
+    accum = tcfg.global_batch_size // (tcfg.micro_batch_size * world_size)
+    if accum < 1 or tcfg.global_batch_size % (tcfg.micro_batch_size * world_size):
+        raise ValueError(f"train.global_batch_size={tcfg.global_batch_size} is not a multiple of "
+                         f"micro_batch_size ({tcfg.micro_batch_size}) x world size ({world_size})")
+    total_steps = tcfg.max_steps or math.ceil(tcfg.epochs * len(train_ds) / tcfg.global_batch_size)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]  # norms and biases: no weight decay
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=tcfg.lr, betas=tcfg.betas, fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_lambda, warmup=tcfg.warmup_steps, total=total_steps, schedule=tcfg.schedule,
+                           min_ratio=tcfg.min_lr_ratio))
+
+    metrics = Metrics(out_dir, total_steps, enabled=rank == 0)
+    if rank == 0:
+        (out_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"vlmtune: {family.name} model, {n_params:,} parameters, trainable by part {trainable}; "
+              f"{len(train_ds)} training rows ({train_ds.format}); {total_steps} steps of "
+              f"{tcfg.global_batch_size} samples ({accum} micro-batch(es) of {tcfg.micro_batch_size}) on "
+              f"{device}", flush=True)
+
+    cast_keys = family.cast_to_model_dtype
+    last_loss, last_val = float("nan"), None
+    for step in range(1, total_steps + 1):
+        t0 = time.perf_counter()
+        # Fetch the whole step first: the loss is normalised by the step's supervised-token count.
+        step_batches = [next(batches) for _ in range(accum)]
+        for b in step_batches:
+            metrics.count(len(b["indices"]) + len(b["skipped"]), b["skipped"])
+        step_batches = [b for b in step_batches if b["indices"]]
+        n_sup = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in step_batches)
+        n_tok = sum(int(b["attention_mask"].sum()) for b in step_batches)
+        global_sup = all_reduce_sum(n_sup, device)
+        check_bad_fraction(metrics, cfg.data.max_bad_fraction)
+
+        step_loss = 0.0
+        for b in step_batches:
+            b = to_device(b, device, weights_dtype, cast_keys)
+            with amp():
+                loss = loss_sum(model, b) / max(global_sup, 1)
+            loss.backward()
+            step_loss += float(loss.detach())
+        step_loss = all_reduce_sum(step_loss, device)
+
+        max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm is not None else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        elapsed = time.perf_counter() - t0
+        last_loss = step_loss
+        metrics.step({"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                      "tokens": int(all_reduce_sum(n_tok, device)), "supervised_tokens": int(global_sup),
+                      "tokens_per_s": all_reduce_sum(n_tok, device) / elapsed,
+                      "epoch": sampler.epoch}, print_line=step % tcfg.log_every_steps == 0 or step == 1)
+
+        if val_loader is not None and ((tcfg.val_every_steps and step % tcfg.val_every_steps == 0)
+                                       or step == total_steps):
+            last_val, n = validate(model, val_loader, device, weights_dtype, cast_keys, amp, tcfg.val_max_batches)
+            metrics.validation(step, last_val, n)
+
+    metrics.close()
+    final = out_dir / "final"
+    if rank == 0:
+        save_final(model, processor, final)
+        summary = {"steps": total_steps, "final_loss": last_loss, "final_val_loss": last_val,
+                   "samples_seen": metrics.seen, "skipped": dict(metrics.skipped), "final_model": str(final)}
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"vlmtune: done. final loss {last_loss:.4f}"
+              + (f", val_loss {last_val:.4f}" if last_val is not None else "")
+              + f"; {metrics.skip_report()}\n  model: {final}\n  metrics: {out_dir / 'metrics.jsonl'}", flush=True)
+    return final
+
+
+def check_bad_fraction(metrics: Metrics, limit: float, min_seen: int = 16) -> None:
+    bad = sum(metrics.skipped.values())
+    if metrics.seen >= min_seen and bad > limit * metrics.seen:
+        raise DataError(f"{bad} of the first {metrics.seen} samples were unusable (more than "
+                        f"data.max_bad_fraction={limit}); {metrics.skip_report()}")
