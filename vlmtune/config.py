@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PARTS = ("vision_tower", "projector", "language_model")  # the parts of every family (vlmtune/families.py)
 
 DataFormat = Literal["auto", "cord_v2", "rdr", "messages", "llava", "sharegpt", "columns"]
 
@@ -72,6 +74,8 @@ class TrainConfig(_Strict):
     overlong: Literal["drop", "truncate_text"] = "drop"
     log_every_steps: int = Field(default=1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # After the first step's backward: every trainable parameter got a gradient, every frozen one none.
+    check_gradients: bool = True
 
     @model_validator(mode="after")
     def _batch_sizes(self) -> TrainConfig:
@@ -91,18 +95,88 @@ class FreezeConfig(_Strict):
     language_model: bool = False
 
 
+class PeftConfig(_Strict):
+    """LoRA / DoRA adapters through ``peft`` (vlmtune/peft.py); absent or null: full fine-tune.
+
+    With adapters every base weight is frozen, and ``freeze.<part>: true`` means "no adapters in that part".
+    """
+
+    method: Literal["lora", "dora"] = "lora"
+    r: int = Field(default=16, ge=1)
+    alpha: float = Field(default=32, gt=0)
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    use_rslora: bool = False
+    # Names or glob patterns, matched against a module's full dotted name or any dotted suffix of it:
+    # q_proj, self_attn.q_proj, *.q_proj, layers.0.*. None (or "all-linear"): every nn.Linear of the parts
+    # that get adapters, except the output head. Targets are always limited to those parts.
+    target_modules: list[str] | None = None
+    exclude_modules: list[str] = Field(default_factory=list)
+    modules_to_save: list[str] = Field(default_factory=list)  # trained in full, saved with the adapter
+    vision: bool = False  # adapters in the vision tower too
+    projector: bool = False  # adapters in the projector too
+    quantize: Literal["4bit"] | None = None  # QLoRA: NF4 base weights (bitsandbytes, CUDA only)
+
+    @field_validator("target_modules", "exclude_modules", "modules_to_save", mode="before")
+    @classmethod
+    def _name_or_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("target_modules")
+    @classmethod
+    def _not_empty(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("is empty; leave it unset (null) for every linear layer of the adapted parts")
+        return value
+
+
+class OptimConfig(_Strict):
+    # Learning rate of a part = train.lr x its multiplier (default 1.0), e.g. {vision_tower: 0.1}.
+    lr_multipliers: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("lr_multipliers")
+    @classmethod
+    def _known_parts(cls, value: dict[str, float]) -> dict[str, float]:
+        for part, mult in value.items():
+            if part not in PARTS:
+                close = difflib.get_close_matches(part, PARTS, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"unknown part {part!r}{hint} (the parts are {', '.join(PARTS)})")
+            if not mult > 0:
+                raise ValueError(f"{part}: multiplier {mult} must be > 0; to not train a part, set freeze.{part}=true")
+        return value
+
+
 class Recipe(_Strict):
     output_dir: str = "runs/demo"
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    peft: PeftConfig | None = None  # null: full fine-tune
+    optim: OptimConfig = Field(default_factory=OptimConfig)
 
     @model_validator(mode="after")
     def _something_trains(self) -> Recipe:
         if self.freeze.vision_tower and self.freeze.projector and self.freeze.language_model:
             raise ValueError("freeze.vision_tower, freeze.projector and freeze.language_model are all true: "
                              "nothing would train; unfreeze at least one")
+        return self
+
+    @model_validator(mode="after")
+    def _peft_and_freeze(self) -> Recipe:
+        """With adapters, freeze.<part>=true means "no adapters in that part"; the switches must agree."""
+        p, f = self.peft, self.freeze
+        if p is None:
+            return self
+        for switch, part in (("vision", "vision_tower"), ("projector", "projector")):
+            if getattr(p, switch) and getattr(f, part):
+                raise ValueError(f"peft.{switch}=true puts adapters in the {part}, but freeze.{part}=true says "
+                                 f"nothing there trains (with peft, freeze.<part> means no adapters in that "
+                                 f"part); set one of them to false")
+        if f.language_model and not (p.vision or p.projector or p.modules_to_save):
+            raise ValueError("freeze.language_model=true (with peft: no adapters in the language model) and "
+                             "peft.vision / peft.projector are false: nothing would train; set peft.vision=true "
+                             "or peft.projector=true, or unfreeze the language model")
         return self
 
 

@@ -63,20 +63,27 @@ def load_processor(cfg: ModelConfig):
     return processor
 
 
-def load_model(cfg: ModelConfig, device: torch.device) -> tuple[torch.nn.Module, object, Family]:
-    """Model (on `device`, train mode), processor, and the family row that describes it."""
+def load_model(cfg: ModelConfig, device: torch.device,
+               quantization_config=None) -> tuple[torch.nn.Module, object, Family]:
+    """Model (on `device`, train mode), processor, and the family row that describes it.
+
+    ``quantization_config`` (QLoRA, see vlmtune/peft.py) loads the weights quantized, straight onto `device`.
+    """
     hf_config = load_config(cfg)
     family = family_for(hf_config.model_type)
     processor = load_processor(cfg)
     dtype = pick_dtype(cfg.dtype)
+    quantized = {} if quantization_config is None else {"quantization_config": quantization_config,
+                                                        "device_map": {"": device}}
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype,
-            attn_implementation=cfg.attn_implementation or family.attn_implementation,
+            attn_implementation=cfg.attn_implementation or family.attn_implementation, **quantized,
         )
     except (OSError, ValueError) as e:
         raise _load_error(cfg, "weights", e) from e
-    model.to(device)
+    if not quantized:  # quantized weights are placed by device_map and cannot be moved
+        model.to(device)
     model.train()
     return model, processor, family
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from vlmtune.collate import Encoded, SampleEncoder, Skipped
 from vlmtune.config import DataSource
-from vlmtune.data.formats import SampleError, check_columns, detect_format, to_conversation
+from vlmtune.data.formats import SampleError, resolve_format, to_conversation
 from vlmtune.data.sources import load_rows
 
 
@@ -22,9 +22,7 @@ class SFTDataset(Dataset):
     def __init__(self, spec: DataSource, encoder: SampleEncoder, where: str):
         self.spec, self.encoder, self.where = spec, encoder, where
         self.rows, self.base_dir = load_rows(spec, where)
-        columns = list(self.rows.column_names) if hasattr(self.rows, "column_names") else _columns(self.rows)
-        self.format = detect_format(columns) if spec.format == "auto" else spec.format
-        check_columns(columns, self.format, spec, where)
+        self.format = resolve_format(list(self.rows.column_names), spec, where)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -37,10 +35,6 @@ class SFTDataset(Dataset):
             return self.encoder(self.conversation(index), index)
         except SampleError as e:
             return Skipped(index, e.reason, str(e))
-
-
-def _columns(rows: Sequence[dict]) -> list[str]:
-    return sorted({k for row in rows[:100] for k in row}) if rows else []
 
 
 class EpochSampler(Sampler[int]):

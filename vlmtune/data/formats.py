@@ -236,10 +236,8 @@ def _message(turn: Any, rec: _Record) -> dict:
         raise rec.error("bad_record", f"role {raw_role!r} is not supported; use one of {sorted(ROLES)}")
     content = turn.get("content") if "content" in turn or "value" not in turn else turn.get("value")
     if isinstance(content, str):
-        parts = _split_image_tokens(content)
-    else:
-        parts = [_part(p, rec) for p in _as_list(content)]
-    return {"role": role, "content": parts}
+        return {"role": role, "content": _split_image_tokens(content)}
+    return {"role": role, "content": [_part(p, rec) for p in _as_list(content)]}
 
 
 def _place_images(conv: Conversation, images: list, rec: _Record, *, implicit: bool) -> Conversation:
@@ -405,13 +403,15 @@ _FORMAT_HELP = ("cord_v2 (image, ground_truth); messages (messages, or prompt + 
                 "text_column, question_column, answer_column); rdr (image, text)")
 
 
-def detect_format(columns: Sequence[str], where: str = "data") -> str:
+def detect_format(columns: Sequence[str], where: str | None = None) -> str:
+    """The format a dataset with these columns is in (first match of _DETECT); DataError when none fits."""
     have = set(columns)
     for fmt, needed in _DETECT:
         if needed <= have:
             return fmt
-    raise DataError(f"{where}: cannot tell the data format from the columns {sorted(have)}; set "
-                    f"{where}.format to one of: {_FORMAT_HELP}")
+    key = f"{where}.format" if where else "the data source's format"
+    raise DataError(f"{where or 'data'}: cannot tell the data format from the columns {sorted(have)}; set "
+                    f"{key} to one of: {_FORMAT_HELP}")
 
 
 def required_columns(fmt: str, spec: DataSource, columns: Sequence[str] | None = None) -> list[str]:

@@ -63,28 +63,35 @@ def _load_file(path: Path, ctx: str, where: str) -> Sequence[dict]:
 
 
 def _read_json(path: Path, ctx: str) -> Rows:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix.lower() == ".json":
         try:
-            records = json.loads(text)
+            data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{ctx}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}; "
-                            "fix the file") from e
-        lines = None
-    else:  # JSON Lines, also under a .json name
-        records, lines = [], []
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{ctx}: invalid JSON at line {n}, column {e.colno}: {e.msg}; each line of a "
-                                ".jsonl file must be one complete JSON object") from e
-            lines.append(n)
-    for i, record in enumerate(records):
+            if e.msg != "Extra data":  # "Extra data" after line 1: JSON Lines under a .json name, read below
+                raise DataError(f"{ctx}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}; "
+                                "fix the file") from e
+        else:
+            if not isinstance(data, list):
+                raise DataError(f"{ctx}: the file holds one JSON {type(data).__name__}; expected a list of "
+                                "records, or JSON Lines (one record per line)")
+            return _records(data, [f"item {i}" for i in range(len(data))], ctx)
+    records, labels = [], []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{ctx}: invalid JSON at line {n}, column {e.colno}: {e.msg}; each line of a "
+                            ".jsonl file must be one complete JSON object") from e
+        labels.append(f"line {n}")
+    return _records(records, labels, ctx)
+
+
+def _records(records: list, labels: list[str], ctx: str) -> Rows:
+    for record, at in zip(records, labels, strict=True):
         if not isinstance(record, dict):
-            at = f"line {lines[i]}" if lines else f"item {i}"
             raise DataError(f"{ctx}: {at} is a {type(record).__name__}, not a JSON object (one record per "
                             "object with the format's keys, e.g. {\"messages\": [...], \"images\": [...]})")
     return Rows(records)
@@ -110,9 +117,12 @@ def _load_dataset(ctx: str, where: str, split: str, path: str, hub_hint: str | N
         raise DataError(f"{ctx}: split {split!r} not found; available splits: {splits}; set {where}.split "
                         "to one of them") from e
     except Exception as e:  # ConnectionError (offline), DatasetNotFoundError, DatasetGenerationError, ...
-        raise DataError(f"{ctx}: could not load the " + (
-            f"dataset from the Hugging Face Hub ({_first_line(e)}). {hub_hint}" if hub_hint
-            else f"data ({_first_line(e)})")) from e
+        if hub_hint:
+            raise DataError(f"{ctx}: could not load the dataset from the Hugging Face Hub ({_first_line(e)}). "
+                            f"{hub_hint}") from e
+        raise DataError(f"{ctx}: could not load the data ({_first_line(e)}); a folder must hold a Hub-style "
+                        "dataset (e.g. data/train-00000-of-00001.parquet); for JSON data set the source to the "
+                        ".json/.jsonl file itself") from e
 
 
 def _hub_hint(source: str, where: str) -> str:

@@ -30,7 +30,7 @@ _ITEM_COUNTS = (1, 2, 2)
 _SPLITS = (("train", "train"), ("validation", "dev"))  # (HF split, CORD's meta.split)
 
 _CARD = """---
-license: cc0-1.0
+license: apache-2.0
 task_categories:
 - image-to-text
 configs:
@@ -109,6 +109,13 @@ def _record(rng: random.Random, image_id: int, cord_split: str, size: tuple[int,
             "ground_truth": json.dumps(ground_truth, ensure_ascii=False)}
 
 
+def _read_stamp(stamp: Path) -> dict | None:
+    try:
+        return json.loads(stamp.read_text())
+    except (OSError, ValueError):  # absent or damaged: regenerate
+        return None
+
+
 @contextmanager
 def _quiet_datasets():
     import datasets
@@ -126,14 +133,15 @@ def write_synthetic_cord(folder: Path, n_train: int = 64, n_validation: int = 8,
                          image_size: tuple[int, int] = (224, 224)) -> Path:
     """Write (or reuse) synthetic receipts under ``folder``; returns ``folder``, loadable with
     ``datasets.load_dataset(str(folder), split=...)``. Same arguments -> byte-identical files."""
+    if n_train < 1 or n_validation < 0:
+        raise ValueError(f"need n_train >= 1 and n_validation >= 0, got {n_train} and {n_validation}")
     folder = Path(folder)
     args = {"version": GENERATOR_VERSION, "n_train": n_train, "n_validation": n_validation, "seed": seed,
             "image_size": list(image_size)}
     counts = {"train": n_train, "validation": n_validation}
     files = {split: folder / "data" / f"{split}-00000-of-00001.parquet" for split in counts}
     stamp = folder / STAMP
-    if (stamp.is_file() and json.loads(stamp.read_text()) == args
-            and all(files[s].is_file() for s, n in counts.items() if n)):
+    if _read_stamp(stamp) == args and all(files[s].is_file() for s, n in counts.items() if n):
         return folder
 
     stamp.unlink(missing_ok=True)  # a half-written folder must not look finished
