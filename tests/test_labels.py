@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 
+import datasets
 import pytest
 import yaml
 from PIL import Image
 
 from vlmtune.cli import main
 from vlmtune.collate import IGNORE, assistant_spans
+from vlmtune.data.formats import json_to_tokens
 
 END = "<|im_end|>"
 
@@ -99,8 +101,10 @@ def test_json_file_and_cord_format(tmp_path, tiny_model_dir, cord_dir):
     out = tmp_path / "cord.json"
     assert main(["inspect", "-c", str(recipe), "--index", "3", "--format", "json", "--out", str(out)]) == 0
     got = json.loads(out.read_text())
-    (span,) = got["trained_spans"]
-    assert span.startswith("<s_") and span.endswith("</s_total>" + END) or span.endswith(END)
+    row = datasets.load_dataset(str(cord_dir), split="train")[3]
+    target = json_to_tokens(json.loads(row["ground_truth"])["gt_parse"])
+    assert target.startswith("<s_menu>")
+    assert got["trained_spans"] == [target + END]
 
 
 def test_text_and_html_views(tmp_path, tiny_model_dir, capsys):

@@ -150,7 +150,9 @@ class SampleEncoder:
         vision_pos = [i for i, t in enumerate(ids.tolist()) if t in self.vision_token_ids]
         last_vision = vision_pos[-1] if vision_pos else -1
         if self.overlong == "truncate_text" and last_vision < self.max_length:
-            return {k: (v[: self.max_length] if k in (*seq_keys, "labels") else v) for k, v in tensors.items()}
+            cut = {k: (v[: self.max_length] if k in (*seq_keys, "labels") else v) for k, v in tensors.items()}
+            if (cut["labels"] != IGNORE).any():
+                return cut
         raise SampleError(
             "too_long",
             f"sample {index}: {length} tokens > train.max_length={self.max_length} (image tokens end at "

@@ -29,6 +29,7 @@ from vlmtune.data.dataset import EpochSampler, SFTDataset
 from vlmtune.data.formats import DataError
 from vlmtune.metrics import Metrics
 from vlmtune.model import apply_freeze, autocast_dtype, load_model, pick_device
+from vlmtune.peft import GradientCheck, apply_lora, param_groups, quantization_config
 
 NON_MODEL_KEYS = ("labels", "skipped", "indices")
 
@@ -137,9 +138,12 @@ def finetune(recipe: Recipe) -> Path:
     seed_everything(tcfg.seed)
     device = pick_device(tcfg.device)
 
-    # Model, processor, family; freezing.
-    model, processor, family = load_model(cfg.model, device)
-    trainable = apply_freeze(model, family, cfg.freeze)
+    # Model, processor, family; freezing, or LoRA adapters (base frozen; freeze.<part> = no adapters there).
+    model, processor, family = load_model(cfg.model, device, quantization_config(cfg.peft, device, cfg.model))
+    if cfg.peft is not None:
+        model, trainable = apply_lora(model, family, cfg.peft, cfg.freeze, cfg.model.name_or_path, cfg.model.revision)
+    else:
+        trainable = apply_freeze(model, family, cfg.freeze)
     weights_dtype = next(model.parameters()).dtype
     amp_dtype = autocast_dtype(device, weights_dtype)
     amp = (partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if amp_dtype
@@ -169,11 +173,10 @@ def finetune(recipe: Recipe) -> Path:
     total_steps = tcfg.max_steps or math.ceil(tcfg.epochs * len(train_ds) / tcfg.global_batch_size)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]  # norms and biases: no weight decay
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=tcfg.lr, betas=tcfg.betas, fused=device.type == "cuda")
+    # One group per (part, decay / no decay): lr x optim.lr_multipliers[part]; norms and biases get no decay.
+    optimizer = torch.optim.AdamW(param_groups(model, family, tcfg.lr, tcfg.weight_decay, cfg.optim.lr_multipliers),
+                                  lr=tcfg.lr, betas=tcfg.betas, fused=device.type == "cuda")
+    grad_check = GradientCheck(model, family, enabled=tcfg.check_gradients)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_lambda, warmup=tcfg.warmup_steps, total=total_steps, schedule=tcfg.schedule,
                            min_ratio=tcfg.min_lr_ratio))
@@ -199,7 +202,7 @@ def finetune(recipe: Recipe) -> Path:
         n_sup = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in step_batches)
         n_tok = sum(int(b["attention_mask"].sum()) for b in step_batches)
         global_sup = all_reduce_sum(n_sup, device)
-        check_bad_fraction(metrics, cfg.data.max_bad_fraction)
+        check_bad_fraction(metrics, cfg.data.max_bad_fraction, len(train_ds))
 
         step_loss = 0.0
         for b in step_batches:
@@ -209,10 +212,11 @@ def finetune(recipe: Recipe) -> Path:
             loss.backward()
             step_loss += float(loss.detach())
         step_loss = all_reduce_sum(step_loss, device)
+        grad_check(model, step_batches)  # first step (vision parts: first step with images); then a no-op
 
         max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm is not None else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        lr = scheduler.get_last_lr()[0]
+        lr = scheduler.get_last_lr()[0] / optimizer.param_groups[0]["lr_multiplier"]  # train.lr, scheduled
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -242,8 +246,9 @@ def finetune(recipe: Recipe) -> Path:
     return final
 
 
-def check_bad_fraction(metrics: Metrics, limit: float, min_seen: int = 16) -> None:
+def check_bad_fraction(metrics: Metrics, limit: float, dataset_size: int) -> None:
+    """Stop once enough samples were seen (16, or the whole dataset if smaller) and too many were bad."""
     bad = sum(metrics.skipped.values())
-    if metrics.seen >= min_seen and bad > limit * metrics.seen:
+    if metrics.seen >= min(16, dataset_size) and bad > limit * metrics.seen:
         raise DataError(f"{bad} of the first {metrics.seen} samples were unusable (more than "
                         f"data.max_bad_fraction={limit}); {metrics.skip_report()}")

@@ -1,0 +1,186 @@
+"""Generation: one image + prompt, or a whole data split to JSONL, batched with LEFT padding.
+
+Prompts are the conversation without its final assistant turn, rendered by the processor's own chat template
+with ``add_generation_prompt=True``; the final assistant turn is the reference. Greedy unless a temperature
+is given. A model folder can be a full model, or a PEFT adapter folder whose adapter_config.json names its
+base (a LoRA run's ``final/``), or a base plus ``adapter``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import PIL.Image
+import torch
+
+from vlmtune.config import ModelConfig, Recipe
+from vlmtune.families import Family
+from vlmtune.model import autocast_dtype, load_model, load_processor, pick_device
+from vlmtune.peft import adapter_base, attach_adapter, is_adapter_dir
+
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
+
+
+class GenerateError(ValueError):
+    """Bad generation inputs (a missing image, no model to use)."""
+
+
+def load_for_inference(model_path: str | Path, adapter: str | Path | None = None, device: torch.device | None = None,
+                       model_cfg: ModelConfig | None = None) -> tuple[torch.nn.Module, object, Family]:
+    """(model in eval mode, processor, family) from a full model folder / hub id, or an adapter folder.
+
+    `model_cfg` supplies dtype, attention and processor options (e.g. a recipe's ``model`` section); its
+    name_or_path is replaced. The processor saved beside an adapter wins over the base's.
+    """
+    model_path = str(model_path)
+    if is_adapter_dir(model_path):
+        if adapter is not None:
+            raise GenerateError(f"{model_path} is itself an adapter folder; pass its base model as the model")
+        adapter, model_path = model_path, adapter_base(model_path)
+    cfg = (model_cfg or ModelConfig(name_or_path=model_path)).model_copy(update={"name_or_path": model_path})
+    model, processor, family = load_model(cfg, device or torch.device("cpu"))
+    if adapter is not None:
+        model = attach_adapter(model, adapter)
+        if any((Path(adapter) / f).is_file() for f in PROCESSOR_FILES):
+            processor = load_processor(cfg.model_copy(update={"name_or_path": str(adapter)}))
+    model.eval()
+    return model, processor, family
+
+
+def split_conversation(conversation: list[dict]) -> tuple[list[dict], str | None]:
+    """(the messages before the final assistant turn, that turn's text); no assistant turn: (all, None)."""
+    last = max((i for i, m in enumerate(conversation) if m["role"] == "assistant"), default=None)
+    if last is None:
+        return conversation, None
+    text = "".join(p["text"] for p in conversation[last]["content"] if p["type"] == "text")
+    return conversation[:last], text
+
+
+def _images(conversation: list[dict]) -> list:
+    return [p["image"] for m in conversation for p in m["content"] if p["type"] == "image"]
+
+
+@dataclass
+class Generator:
+    """Callable: prompt conversations -> answers, as one left-padded batch."""
+
+    model: torch.nn.Module
+    processor: object
+    family: Family
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        tok = self.processor.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        gc = copy.deepcopy(self.model.generation_config)
+        sample = self.temperature > 0
+        gc.update(max_new_tokens=self.max_new_tokens, do_sample=sample, pad_token_id=pad,
+                  temperature=self.temperature if sample else None, top_p=self.top_p if sample else None,
+                  top_k=gc.top_k if sample else None)
+        self.generation_config = gc
+        self.device = next(self.model.parameters()).device
+        self.dtype = next(self.model.parameters()).dtype
+        amp = autocast_dtype(self.device, self.dtype)
+        self.amp = (lambda: torch.autocast(self.device.type, dtype=amp)) if amp else contextlib.nullcontext
+
+    def prompt(self, conversation: list[dict]) -> str:
+        return self.processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+
+    def encode(self, conversations: Sequence[list[dict]]) -> dict:
+        texts = [self.prompt(c) for c in conversations]
+        images = [im for c in conversations for im in _images(c)]
+        tok = self.processor.tokenizer
+        side, tok.padding_side = tok.padding_side, "left"  # generation appends on the right
+        try:
+            batch = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+        finally:
+            tok.padding_side = side
+        return {k: (v.to(self.device).to(self.dtype) if k in self.family.cast_to_model_dtype and v.is_floating_point()
+                    else v.to(self.device)) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+    @torch.no_grad()
+    def __call__(self, conversations: Sequence[list[dict]]) -> list[str]:
+        inputs = self.encode(conversations)
+        with self.amp():
+            out = self.model.generate(**inputs, generation_config=self.generation_config)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        return [self.processor.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+
+
+def generate_one(model_path: str, image: str | None, prompt: str, adapter: str | None = None,
+                 max_new_tokens: int = 128, temperature: float = 0.0, device: str = "auto") -> str:
+    """The answer of the model to one image (optional) and a prompt."""
+    content: list[dict] = []
+    if image is not None:
+        if not Path(image).is_file():
+            raise GenerateError(f"--image {image!r} does not exist")
+        with PIL.Image.open(image) as im:
+            content.append({"type": "image", "image": im.convert("RGB")})
+    content.append({"type": "text", "text": prompt})
+    model, processor, family = load_for_inference(model_path, adapter, pick_device(device))
+    gen = Generator(model, processor, family, max_new_tokens, temperature)
+    return gen([[{"role": "user", "content": content}]])[0]
+
+
+def default_model(recipe: Recipe) -> str:
+    """What ``generate -c RECIPE`` uses without --model: the run's final model if it exists, else the base."""
+    final = Path(recipe.output_dir) / "final"
+    return str(final) if final.is_dir() else recipe.model.name_or_path
+
+
+def _batches(indices: Sequence[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(indices), size):
+        yield list(indices[start:start + size])
+
+
+def generate_split(recipe: Recipe, split: str, out: str | Path, model_path: str | None = None,
+                   adapter: str | None = None, limit: int | None = None, batch_size: int = 8,
+                   max_new_tokens: int = 128, temperature: float = 0.0) -> tuple[Path, int, int]:
+    """Predictions for a data split as JSONL (index, prompt, reference, prediction), one line per sample.
+
+    Returns (path, samples written, samples skipped because their record could not be read).
+    """
+    from vlmtune.collate import SampleEncoder
+    from vlmtune.config import RecipeError
+    from vlmtune.data.dataset import SFTDataset
+    from vlmtune.data.formats import SampleError
+
+    spec = recipe.data.train if split == "train" else recipe.data.validation
+    if spec is None:
+        raise RecipeError(f"generate --split {split}: the recipe has no data.{split}")
+    model_path = model_path or default_model(recipe)
+    print(f"vlmtune generate: model {model_path}" + (f" + adapter {adapter}" if adapter else ""), file=sys.stderr)
+    model, processor, family = load_for_inference(model_path, adapter, pick_device(recipe.train.device), recipe.model)
+    encoder = SampleEncoder(processor, family, recipe.train.max_length, recipe.train.overlong)
+    ds = SFTDataset(spec, encoder, f"data.{split}")
+    gen = Generator(model, processor, family, max_new_tokens, temperature)
+    n = len(ds) if limit is None else min(limit, len(ds))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written, skipped = 0, 0
+    with out.open("w") as f:
+        for idx in _batches(range(n), batch_size):
+            items = []
+            for i in idx:
+                try:
+                    items.append((i, *split_conversation(ds.conversation(i))))
+                except SampleError as e:
+                    skipped += 1
+                    print(f"vlmtune generate: skipped sample {i} ({e.reason}): {e}", file=sys.stderr)
+            if not items:
+                continue
+            predictions = gen([conv for _, conv, _ in items])
+            for (i, conv, reference), prediction in zip(items, predictions, strict=True):
+                f.write(json.dumps({"index": i, "prompt": gen.prompt(conv), "reference": reference,
+                                    "prediction": prediction}, ensure_ascii=False) + "\n")
+                written += 1
+            f.flush()
+    return out, written, skipped
