@@ -122,6 +122,8 @@ def test_assistant_spans_helper():
     start, end = [1, 2], [9]
     ids = [5, 1, 2, 7, 7, 9, 3, 1, 2, 8, 9, 1, 2, 4]  # last answer never ends -> not trained
     assert assistant_spans(ids, start, end) == [(3, 6), (9, 11)]
+    # a think block the template adds before an answer is skipped, not trained
+    assert assistant_spans([1, 2, 6, 6, 7, 9], start, end, skip_prefixes=[[6, 6]]) == [(4, 6)]
 
 
 def test_spoofed_marker_in_user_text_is_skipped(tmp_path, tiny_model_dir, encoder):

@@ -1,4 +1,4 @@
-"""argv -> Recipe -> command. ``vlmtune finetune | inspect``."""
+"""argv -> Recipe -> command. ``vlmtune finetune | inspect | export | generate``."""
 
 from __future__ import annotations
 
@@ -100,6 +100,47 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from vlmtune.export import describe, export
+
+    out = export(args.checkpoint, args.out, merge=args.merge, dtype=args.dtype, base=args.base)
+    print(f"vlmtune export: {describe(out)}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from vlmtune.generate import GenerateError, default_model, generate_one, generate_split
+
+    for flag, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens),
+                        ("--limit", args.limit)):
+        if value is not None and value < 1:
+            raise GenerateError(f"{flag} must be >= 1 (got {value})")
+    if args.split:
+        if args.prompt is not None or args.image is not None:
+            raise GenerateError("--split generates for a data split, --prompt / --image for one prompt; pick one")
+        if not args.out:
+            raise GenerateError("--split needs --out PREDICTIONS.jsonl")
+        recipe = recipe_from_args(args)
+        if args.device:
+            recipe.train.device = args.device
+        out, n, skipped = generate_split(recipe, args.split, args.out, args.model, args.adapter, args.limit,
+                                         args.batch_size, args.max_new_tokens, args.temperature)
+        print(f"vlmtune generate: {n} prediction(s) -> {out}" + (f"; {skipped} unreadable sample(s) skipped"
+                                                                   if skipped else ""))
+        return 0
+    if args.prompt is None:
+        raise GenerateError("give --prompt (and --image) for one answer, or --split and --out for a data split")
+    model, model_cfg, device = args.model, None, args.device
+    if model is None:
+        if not args.config:
+            raise GenerateError("--model is required (or -c RECIPE to use that run's model)")
+        recipe = recipe_from_args(args)
+        model, model_cfg, device = default_model(recipe), recipe.model, device or recipe.train.device
+    print(generate_one(model, args.image, args.prompt, args.adapter, args.max_new_tokens, args.temperature,
+                       device or "auto", model_cfg))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlmtune", description="Fine-tune vision-language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -117,15 +158,47 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--format", choices=["text", "json", "html"], default="text")
     sp.add_argument("--out", help="write to this file instead of stdout")
     sp.set_defaults(func=cmd_inspect)
+
+    sp = sub.add_parser("export", help="write a trained model (or adapter) as a complete Hugging Face folder")
+    sp.add_argument("--checkpoint", required=True,
+                    help="a run's final/ folder (full model or PEFT adapter) or a checkpoints/step-N folder")
+    sp.add_argument("--out", required=True, help="destination folder (new or empty)")
+    sp.add_argument("--merge", action="store_true", help="merge LoRA weights into the base (merge_and_unload)")
+    sp.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                    help="dtype of the saved weights (auto: as the input, or the base's for a merge)")
+    sp.add_argument("--base", help="base model of an adapter (default: adapter_config.json's)")
+    sp.set_defaults(func=cmd_export)
+
+    sp = with_recipe("generate", "answer one image + prompt, or write predictions for a data split (JSONL)")
+    sp.add_argument("--model", help="model folder or hub id, or an adapter folder whose config names its base "
+                                    "(default with -c: output_dir/final if it exists, else model.name_or_path)")
+    sp.add_argument("--adapter", help="a PEFT adapter folder to load on top of --model")
+    sp.add_argument("--image", help="image file (single-prompt mode)")
+    sp.add_argument("--prompt", help="prompt text (single-prompt mode)")
+    sp.add_argument("--split", choices=["train", "validation"], help="generate for this data split of the recipe")
+    sp.add_argument("--out", help="predictions JSONL (with --split)")
+    sp.add_argument("--limit", type=int, help="only the first N samples of the split")
+    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--max-new-tokens", type=int, default=128)
+    sp.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sampling")
+    sp.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                    help="default: the recipe's train.device, else auto")
+    sp.set_defaults(func=cmd_generate)
     return p
 
 
 def user_errors() -> tuple[type[Exception], ...]:
+    from vlmtune.checkpoint import CheckpointError
     from vlmtune.data.formats import DataError
+    from vlmtune.export import ExportError
     from vlmtune.families import FamilyError
+    from vlmtune.generate import GenerateError
     from vlmtune.model import ModelLoadError
+    from vlmtune.peft import AdapterError, GradientCheckError
+    from vlmtune.train import TrainingError
 
-    return (*USER_ERRORS, DataError, ModelLoadError, FamilyError)
+    return (*USER_ERRORS, DataError, ModelLoadError, FamilyError, AdapterError, GradientCheckError, ExportError,
+            GenerateError, CheckpointError, TrainingError)
 
 
 def main(argv: list[str] | None = None) -> int:

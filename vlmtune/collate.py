@@ -53,11 +53,20 @@ def find_subsequence(seq: list[int], sub: list[int], start: int) -> int:
     return -1
 
 
-def assistant_spans(ids: list[int], start_ids: list[int], end_ids: list[int]) -> list[tuple[int, int]]:
-    """[begin, end) token spans of each assistant answer including its end marker."""
+def assistant_spans(ids: list[int], start_ids: list[int], end_ids: list[int],
+                    skip_prefixes: Sequence[list[int]] = ()) -> list[tuple[int, int]]:
+    """[begin, end) token spans of each assistant answer including its end marker.
+
+    `skip_prefixes`: token runs a template may put between the marker and the answer (an empty think block);
+    they are not trained.
+    """
     spans, pos = [], 0
     while (s := find_subsequence(ids, start_ids, pos)) >= 0:
         begin = s + len(start_ids)
+        for prefix in skip_prefixes:
+            if prefix and ids[begin : begin + len(prefix)] == prefix:
+                begin += len(prefix)
+                break
         e = find_subsequence(ids, end_ids, begin)
         if e < 0:  # an answer that never ends (cut off): not trainable
             break
@@ -71,8 +80,9 @@ def _answers(conversation: list[dict]) -> list[str]:
             for m in conversation if m["role"] == "assistant"]
 
 
-def _images(conversation: list[dict]) -> list:
-    return [p["image"] for m in conversation for p in m["content"] if p["type"] == "image"]
+def _media(conversation: list[dict], kind: str) -> list:
+    """The images (PIL) or videos (lists of PIL frames) of a conversation, in order."""
+    return [p[kind] for m in conversation for p in m["content"] if p["type"] == kind]
 
 
 @dataclass
@@ -89,6 +99,7 @@ class SampleEncoder:
         tok = self.processor.tokenizer
         self.start_ids = tok(self.family.assistant_start, add_special_tokens=False)["input_ids"]
         self.end_ids = tok(self.family.assistant_end, add_special_tokens=False)["input_ids"]
+        self.skip_prefixes = [tok(p, add_special_tokens=False)["input_ids"] for p in self.family.answer_prefixes]
         ids = {getattr(self.processor, a, None) for a in ("image_token_id", "video_token_id")}
         ids |= {getattr(tok, a, None) for a in ("image_token_id", "video_token_id")}
         self.vision_token_ids = frozenset(self.vision_token_ids | {i for i in ids if isinstance(i, int)})
@@ -104,9 +115,9 @@ class SampleEncoder:
 
     def __call__(self, conversation: list[dict], index: int) -> Encoded:
         text = self.render(conversation)
-        images = _images(conversation)
+        media = {k + "s": v for k in ("image", "video") if (v := _media(conversation, k))}
         try:
-            out = self.processor(text=[text], images=images or None, return_tensors="pt")
+            out = self.processor(text=[text], **media, return_tensors="pt")
         except (ValueError, RuntimeError) as e:  # processors raise these on token/image count mismatches
             raise SampleError("placeholder_mismatch", f"sample {index}: the processor rejected it: {e}") from e
         ids = out["input_ids"][0].tolist()
@@ -124,7 +135,7 @@ class SampleEncoder:
         return enc
 
     def labels(self, ids: list[int], conversation: list[dict], index: int) -> list[int]:
-        spans = assistant_spans(ids, self.start_ids, self.end_ids)
+        spans = assistant_spans(ids, self.start_ids, self.end_ids, self.skip_prefixes)
         answers = _answers(conversation)
         if len(spans) != len(answers):
             raise SampleError(

@@ -76,6 +76,7 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # After the first step's backward: every trainable parameter got a gradient, every frozen one none.
     check_gradients: bool = True
+    max_bad_steps: int = Field(default=5, ge=1)  # stop after this many NaN/inf-loss steps in a row (each skipped)
 
     @model_validator(mode="after")
     def _batch_sizes(self) -> TrainConfig:
@@ -146,6 +147,13 @@ class OptimConfig(_Strict):
         return value
 
 
+class CheckpointConfig(_Strict):
+    """output_dir/checkpoints/step-NNNNNN (see vlmtune/checkpoint.py); SIGTERM/SIGINT always save one."""
+
+    every_steps: int | None = Field(default=None, ge=1)  # None: only when stopped by a signal
+    keep: int = Field(default=2, ge=1)  # the newest K complete checkpoints stay
+
+
 class Recipe(_Strict):
     output_dir: str = "runs/demo"
     model: ModelConfig
@@ -154,6 +162,10 @@ class Recipe(_Strict):
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
     peft: PeftConfig | None = None  # null: full fine-tune
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    # null: start fresh; "auto": the newest complete checkpoint in output_dir/checkpoints (fresh if none);
+    # a path: that checkpoint folder.
+    resume: str | None = None
 
     @model_validator(mode="after")
     def _something_trains(self) -> Recipe:

@@ -36,6 +36,8 @@ class Family:
     # right after it. Trained tokens = the answer + the end marker; everything else is -100.
     assistant_start: str
     assistant_end: str
+    # Text the template may insert between the marker and the answer, never trained (longest first).
+    answer_prefixes: tuple[str, ...] = ()
     append_eos: bool = False  # template ends an assistant turn with no end-of-sequence (LLaVA 1.5)
     attn_implementation: str = "sdpa"
     # Tensor dtypes some image processors return regardless of the model (Llama 4 returns bf16 pixels).
@@ -50,7 +52,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwen2_5_vl", QWEN_PARTS, **CHATML, model_types=("qwen2_5_vl",),
            notes="template injects a default system prompt when none is given"),
     Family("qwen3_vl", QWEN_PARTS, **CHATML, model_types=("qwen3_vl", "qwen3_vl_moe")),
-    Family("qwen3_5", QWEN_PARTS, **CHATML, model_types=("qwen3_5", "qwen3_5_moe"),
+    Family("qwen3_5", QWEN_PARTS, **CHATML, answer_prefixes=("<think>\n\n</think>\n\n",),
+           model_types=("qwen3_5", "qwen3_5_moe"),
            notes="template adds an empty think block to the last assistant turn only"),
     Family("internvl", LLAVA_PARTS, **CHATML, model_types=("internvl",)),
     Family("llava_onevision", LLAVA_PARTS, **CHATML, model_types=("llava_onevision",)),

@@ -107,16 +107,21 @@ class Generator:
                     else v.to(self.device)) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
     @torch.no_grad()
-    def __call__(self, conversations: Sequence[list[dict]]) -> list[str]:
+    def generate(self, conversations: Sequence[list[dict]], **kwargs):
+        """(``model.generate``'s output, prompt width): the new tokens of row i are ``out[i, width:]``."""
         inputs = self.encode(conversations)
         with self.amp():
-            out = self.model.generate(**inputs, generation_config=self.generation_config)
-        new = out[:, inputs["input_ids"].shape[1]:]
-        return [self.processor.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+            out = self.model.generate(**inputs, generation_config=self.generation_config, **kwargs)
+        return out, inputs["input_ids"].shape[1]
+
+    def __call__(self, conversations: Sequence[list[dict]]) -> list[str]:
+        out, width = self.generate(conversations)
+        return [self.processor.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, width:]]
 
 
 def generate_one(model_path: str, image: str | None, prompt: str, adapter: str | None = None,
-                 max_new_tokens: int = 128, temperature: float = 0.0, device: str = "auto") -> str:
+                 max_new_tokens: int = 128, temperature: float = 0.0, device: str = "auto",
+                 model_cfg: ModelConfig | None = None) -> str:
     """The answer of the model to one image (optional) and a prompt."""
     content: list[dict] = []
     if image is not None:
@@ -125,7 +130,7 @@ def generate_one(model_path: str, image: str | None, prompt: str, adapter: str |
         with PIL.Image.open(image) as im:
             content.append({"type": "image", "image": im.convert("RGB")})
     content.append({"type": "text", "text": prompt})
-    model, processor, family = load_for_inference(model_path, adapter, pick_device(device))
+    model, processor, family = load_for_inference(model_path, adapter, pick_device(device), model_cfg)
     gen = Generator(model, processor, family, max_new_tokens, temperature)
     return gen([[{"role": "user", "content": content}]])[0]
 

@@ -23,6 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from vlmtune.checkpoint import (
+    Checkpoints,
+    RunState,
+    StopSignals,
+    ignore_stop_signals,
+    preserve_rng,
+    read_state,
+    truncate_metrics,
+)
 from vlmtune.collate import IGNORE, SampleEncoder, collate
 from vlmtune.config import Recipe, recipe_to_yaml
 from vlmtune.data.dataset import EpochSampler, SFTDataset
@@ -32,6 +41,10 @@ from vlmtune.model import apply_freeze, autocast_dtype, load_model, pick_device
 from vlmtune.peft import GradientCheck, apply_lora, param_groups, quantization_config
 
 NON_MODEL_KEYS = ("labels", "skipped", "indices")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many NaN/inf steps in a row)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -99,6 +112,12 @@ def micro_batches(loader_for_epoch, sampler: EpochSampler) -> Iterator[dict]:
         sampler.epoch, sampler.offset = sampler.epoch + 1, 0
 
 
+def loader_generator(seed: int, epoch: int) -> torch.Generator:
+    """A DataLoader's own generator (it seeds workers). Without one, every new loader iterator draws from the
+    global torch RNG, so a resumed run, which starts its loader mid-epoch, would shift the dropout stream."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
 @torch.no_grad()
 def validate(model, loader: DataLoader, device, dtype, cast_keys, amp, max_batches: int | None) -> tuple[float, int]:
     model.eval()
@@ -131,10 +150,18 @@ def save_final(model, processor, out: Path) -> Path:
 
 
 def finetune(recipe: Recipe) -> Path:
+    """Train; returns the final model folder, or the checkpoint folder when SIGTERM / SIGINT stopped the run."""
+    with StopSignals() as stop:  # handlers only while training; the previous ones come back after
+        return _finetune(recipe, stop)
+
+
+def _finetune(recipe: Recipe, stop: StopSignals) -> Path:
     cfg, tcfg = recipe, recipe.train
     rank, world_size = world()
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    ckpts = Checkpoints(out_dir / "checkpoints", cfg.checkpoint.keep, writer=rank == 0)
+    resume_from = ckpts.find(cfg.resume)  # None: a fresh run
     seed_everything(tcfg.seed)
     device = pick_device(tcfg.device)
 
@@ -158,13 +185,14 @@ def finetune(recipe: Recipe) -> Path:
         pad_id = processor.tokenizer.eos_token_id
     collate_fn = partial(collate, pad_id=pad_id)
     loader_kw = dict(batch_size=tcfg.micro_batch_size, collate_fn=collate_fn, num_workers=cfg.data.num_workers,
-                     pin_memory=device.type == "cuda", persistent_workers=False)
+                     pin_memory=device.type == "cuda", persistent_workers=False, worker_init_fn=ignore_stop_signals)
     sampler = EpochSampler(len(train_ds), tcfg.seed, rank, world_size)
-    batches = micro_batches(lambda: DataLoader(train_ds, sampler=sampler, **loader_kw), sampler)
+    batches = micro_batches(lambda: DataLoader(train_ds, sampler=sampler, generator=loader_generator(
+        tcfg.seed, sampler.epoch), **loader_kw), sampler)
     val_loader = None
     if val_ds is not None:
         val_sampler = EpochSampler(len(val_ds), tcfg.seed, rank, world_size, shuffle=False)
-        val_loader = DataLoader(val_ds, sampler=val_sampler, **loader_kw)
+        val_loader = DataLoader(val_ds, sampler=val_sampler, generator=loader_generator(tcfg.seed, -1), **loader_kw)
 
     accum = tcfg.global_batch_size // (tcfg.micro_batch_size * world_size)
     if accum < 1 or tcfg.global_batch_size % (tcfg.micro_batch_size * world_size):
@@ -181,7 +209,8 @@ def finetune(recipe: Recipe) -> Path:
         optimizer, partial(lr_lambda, warmup=tcfg.warmup_steps, total=total_steps, schedule=tcfg.schedule,
                            min_ratio=tcfg.min_lr_ratio))
 
-    metrics = Metrics(out_dir, total_steps, enabled=rank == 0)
+    start_step = read_state(resume_from)["step"] if resume_from is not None else 0
+    metrics = Metrics(out_dir, total_steps, enabled=rank == 0, start_step=start_step)
     if rank == 0:
         (out_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
         n_params = sum(p.numel() for p in model.parameters())
@@ -190,9 +219,22 @@ def finetune(recipe: Recipe) -> Path:
               f"{tcfg.global_batch_size} samples ({accum} micro-batch(es) of {tcfg.micro_batch_size}) on "
               f"{device}", flush=True)
 
+    # Resume: weights, optimizer, scheduler, data position, counters; the RNG states last, right before the loop.
+    run = RunState()
+    if resume_from is not None:
+        run = ckpts.load(resume_from, recipe, model, optimizer, scheduler, sampler, metrics)
+    elif rank == 0:
+        truncate_metrics(metrics.path, 0)  # a fresh run: no lines of an earlier one in this output_dir
+
     cast_keys = family.cast_to_model_dtype
-    last_loss, last_val = float("nan"), None
-    for step in range(1, total_steps + 1):
+    val_args = (model, val_loader, device, weights_dtype, cast_keys, amp, tcfg.val_max_batches)
+    if run.pending_validation and val_loader is not None:  # stopped by a signal before this validation ran
+        with preserve_rng():
+            run.last_val, n = validate(*val_args)
+        metrics.validation(run.step, run.last_val, n)
+    run.pending_validation = False
+    saved = None  # the checkpoint written when a signal stops the run
+    for step in range(run.step + 1, total_steps + 1):
         t0 = time.perf_counter()
         # Fetch the whole step first: the loss is normalised by the step's supervised-token count.
         step_batches = [next(batches) for _ in range(accum)]
@@ -217,33 +259,75 @@ def finetune(recipe: Recipe) -> Path:
         max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm is not None else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         lr = scheduler.get_last_lr()[0] / optimizer.param_groups[0]["lr_multiplier"]  # train.lr, scheduled
-        optimizer.step()
-        scheduler.step()
+        finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+        if finite:  # a NaN/inf step is skipped: no optimizer or scheduler step, its gradients dropped
+            optimizer.step()
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        run.step, run.last_loss = step, step_loss
+        run.bad_in_row = 0 if finite else run.bad_in_row + 1
+        run.nonfinite_steps += not finite
 
         elapsed = time.perf_counter() - t0
-        last_loss = step_loss
-        metrics.step({"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                      "tokens": int(all_reduce_sum(n_tok, device)), "supervised_tokens": int(global_sup),
-                      "tokens_per_s": all_reduce_sum(n_tok, device) / elapsed,
-                      "epoch": sampler.epoch}, print_line=step % tcfg.log_every_steps == 0 or step == 1)
+        record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                  "tokens": int(all_reduce_sum(n_tok, device)), "supervised_tokens": int(global_sup),
+                  "tokens_per_s": all_reduce_sum(n_tok, device) / elapsed, "epoch": sampler.epoch}
+        if not finite:
+            record.update(skipped_nonfinite=True, nonfinite_steps=run.nonfinite_steps)
+        metrics.step(record, print_line=step % tcfg.log_every_steps == 0 or step == 1)
+        if not finite:
+            check_nonfinite(run, step_loss, grad_norm, tcfg.max_bad_steps, rank)
 
-        if val_loader is not None and ((tcfg.val_every_steps and step % tcfg.val_every_steps == 0)
-                                       or step == total_steps):
-            last_val, n = validate(model, val_loader, device, weights_dtype, cast_keys, amp, tcfg.val_max_batches)
-            metrics.validation(step, last_val, n)
+        val_due = val_loader is not None and ((tcfg.val_every_steps and step % tcfg.val_every_steps == 0)
+                                              or step == total_steps)
+        if all_reduce_sum(float(stop.received is not None), device) > 0:  # SIGTERM / SIGINT: save and stop
+            run.pending_validation = bool(val_due)  # the resumed run validates first; the RNG is unaffected
+            saved = ckpts.save(recipe, run, model, optimizer, scheduler, sampler, metrics)
+            break
+        if val_due:
+            with preserve_rng():  # validation must not move the training RNG streams
+                run.last_val, n = validate(*val_args)
+            metrics.validation(step, run.last_val, n)
+        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+            ckpts.save(recipe, run, model, optimizer, scheduler, sampler, metrics)
 
     metrics.close()
+    last_loss, last_val = run.last_loss, run.last_val
+    if saved is not None:
+        if rank == 0:
+            summary = {"steps": run.step, "total_steps": total_steps, "stopped_by": stop.received,
+                       "checkpoint": str(saved), "final_loss": last_loss, "final_val_loss": last_val,
+                       "samples_seen": metrics.seen, "skipped": dict(metrics.skipped),
+                       "nonfinite_steps": run.nonfinite_steps, "final_model": None}
+            (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            print(f"vlmtune: stopped by {stop.received} after step {run.step} of {total_steps}; checkpoint saved: "
+                  f"{saved}\n  to continue, run the same command again with resume=auto (or resume={saved})",
+                  flush=True)
+        return saved
     final = out_dir / "final"
     if rank == 0:
         save_final(model, processor, final)
         summary = {"steps": total_steps, "final_loss": last_loss, "final_val_loss": last_val,
-                   "samples_seen": metrics.seen, "skipped": dict(metrics.skipped), "final_model": str(final)}
+                   "samples_seen": metrics.seen, "skipped": dict(metrics.skipped),
+                   "nonfinite_steps": run.nonfinite_steps, "final_model": str(final)}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"vlmtune: done. final loss {last_loss:.4f}"
               + (f", val_loss {last_val:.4f}" if last_val is not None else "")
               + f"; {metrics.skip_report()}\n  model: {final}\n  metrics: {out_dir / 'metrics.jsonl'}", flush=True)
     return final
+
+
+def check_nonfinite(run: RunState, loss: float, grad_norm: float, max_bad: int, rank: int) -> None:
+    """Report a skipped NaN/inf step; stop once `max_bad` came in a row."""
+    if rank == 0:
+        print(f"vlmtune: step {run.step}: loss {loss} / grad_norm {grad_norm} is not finite; step skipped "
+              f"({run.bad_in_row} in a row, {run.nonfinite_steps} in all; train.max_bad_steps={max_bad})", flush=True)
+    if run.bad_in_row >= max_bad:
+        raise TrainingError(
+            f"{run.bad_in_row} optimizer steps in a row (steps {run.step - run.bad_in_row + 1}-{run.step}) had a "
+            f"NaN or inf loss or gradient norm (train.max_bad_steps={max_bad}), so training stopped. Usual causes: "
+            "too high a train.lr (lower it, add train.warmup_steps, keep train.max_grad_norm set), float16 "
+            "overflow (use bfloat16 or float32), or broken samples; the loss of each step is in metrics.jsonl")
 
 
 def check_bad_fraction(metrics: Metrics, limit: float, dataset_size: int) -> None:

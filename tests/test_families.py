@@ -1,0 +1,154 @@
+"""Every family of the mission, end to end on tiny models with the real processors (tests/tiny/)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from tiny import all_specs, build
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from vlmtune.cli import main, trained_runs
+from vlmtune.collate import SampleEncoder, collate
+from vlmtune.config import FreezeConfig, ModelConfig
+from vlmtune.families import family_for, part_of
+from vlmtune.model import apply_freeze, load_model
+from vlmtune.train import loss_sum, save_final
+
+SPECS = all_specs()
+NAMES = sorted(SPECS)
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny")
+
+
+def model_dir(name, root):
+    return build(name, root)
+
+
+def image(colour="red", size=(64, 48)):
+    return Image.new("RGB", size, colour)
+
+
+def conversation(spec, n_images=1, video=False):
+    first = [*([{"type": "image", "image": image(c)} for c in ("red", "blue", "green")[:n_images]]),
+             *([{"type": "video", "video": [image("red", (64, 64))] * 4}] if video else []),
+             {"type": "text", "text": "What do you see?"}]
+    return [
+        {"role": "user", "content": first},
+        {"role": "assistant", "content": [{"type": "text", "text": "A red square."}]},
+        {"role": "user", "content": [{"type": "text", "text": "And the border?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Blue, 2 px wide."}]},
+    ]
+
+
+def trained_spans(name, root, conv):
+    spec = SPECS[name]
+    processor = AutoProcessor.from_pretrained(model_dir(name, root))
+    family = family_for(spec.model_type)
+    enc = SampleEncoder(processor, family, max_length=4096)(conv, 0)
+    ids, labels = enc.tensors["input_ids"].tolist(), enc.tensors["labels"].tolist()
+    return [processor.tokenizer.decode(t) for t, trained in trained_runs(ids, labels) if trained], family
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_multi_turn_masking(name, tiny_root):
+    spans, family = trained_spans(name, tiny_root, conversation(SPECS[name]))
+    assert [s.strip() for s in spans] == [a + family.assistant_end for a in ("A red square.", "Blue, 2 px wide.")]
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if SPECS[n].multi_image])
+def test_multi_image_masking(name, tiny_root):
+    spans, family = trained_spans(name, tiny_root, conversation(SPECS[name], n_images=2))
+    assert [s.strip() for s in spans] == [a + family.assistant_end for a in ("A red square.", "Blue, 2 px wide.")]
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if SPECS[n].video])
+def test_video_masking(name, tiny_root):
+    spans, family = trained_spans(name, tiny_root, conversation(SPECS[name], n_images=0, video=True))
+    assert [s.strip() for s in spans] == [a + family.assistant_end for a in ("A red square.", "Blue, 2 px wide.")]
+
+
+def write_dataset(tmp_path, spec) -> str:
+    """Messages-format JSONL mixing one-image, several-image and text-only samples."""
+    image("red").save(tmp_path / "a.png")
+    image("blue", (48, 64)).save(tmp_path / "b.png")
+    user = lambda n, q: [*([{"type": "image"}] * n), {"type": "text", "text": q}]  # noqa: E731
+    rows = [(1, ["a.png"]), (2, ["a.png", "b.png"]) if spec.multi_image else (1, ["b.png"]),
+            (0, []) if spec.text_only else (1, ["a.png"])]
+    lines = [json.dumps({"messages": [{"role": "user", "content": user(n, "Colour?")},
+                                      {"role": "assistant", "content": [{"type": "text", "text": f"Answer {i}."}]}],
+                         "images": imgs}) for i, (n, imgs) in enumerate(rows)]
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return str(tmp_path / "data.jsonl")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_full_finetune_step_through_cli_with_mixed_batch(name, tiny_root, tmp_path):
+    spec = SPECS[name]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "out"), "model": {"name_or_path": str(model_dir(name, tiny_root))},
+        "data": {"train": {"source": write_dataset(tmp_path, spec)}},
+        "train": {"max_steps": 2, "micro_batch_size": 3, "global_batch_size": 3, "lr": 1e-3, "max_length": 4096}}))
+    assert main(["finetune", "-c", str(recipe)]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["skipped"] == {} and summary["samples_seen"] == 6
+    lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(x["loss"])) for x in lines)
+    assert (tmp_path / "out" / "final" / "config.json").is_file()
+
+
+@pytest.fixture
+def loaded(name, tiny_root):
+    return load_model(ModelConfig(name_or_path=str(model_dir(name, tiny_root))), torch.device("cpu"))
+
+
+def image_batch(processor, family, spec):
+    conv = conversation(spec)
+    enc = SampleEncoder(processor, family, max_length=4096)(conv, 0)
+    pad = processor.tokenizer.pad_token_id
+    return collate([enc], pad if pad is not None else processor.tokenizer.eos_token_id)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_save_reload_same_logits(name, loaded, tmp_path):
+    model, processor, family = loaded
+    batch = image_batch(processor, family, SPECS[name])
+    out = save_final(model, processor, tmp_path / "final")
+    reloaded = AutoModelForImageTextToText.from_pretrained(out).eval()
+    inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "labels"}
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, atol=1e-6, rtol=1e-5)
+    AutoProcessor.from_pretrained(out)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_parameter_has_a_part(name, loaded):
+    model, _, family = loaded
+    unassigned = [n for n, _ in model.named_parameters() if part_of(n, family) is None]
+    assert unassigned == [], f"{family.name}: parameters outside vision_tower/projector/language_model"
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("frozen", ["vision_tower", "projector", "language_model"])
+def test_freeze_switch_by_name_and_gradient(name, frozen, loaded):
+    model, processor, family = loaded
+    apply_freeze(model, family, FreezeConfig(**{frozen: True}))
+    batch = image_batch(processor, family, SPECS[name])
+    model.zero_grad()
+    loss_sum(model, batch).backward()
+    for n, p in model.named_parameters():
+        part = part_of(n, family)
+        assert p.requires_grad == (part != frozen), n
+        if part == frozen:
+            assert p.grad is None, n
+    got_grad = {part_of(n, family) for n, p in model.named_parameters()
+                if p.grad is not None and p.grad.abs().sum() > 0}
+    assert got_grad == {"vision_tower", "projector", "language_model"} - {frozen}

@@ -1,0 +1,37 @@
+"""Tiny randomly initialised models of every family, with the real processors and chat templates.
+
+Each group module (qwen.py, gemma.py, ...) exposes ``SPECS: list[TinySpec]``. ``scripts/make_tiny_models.py``
+writes them to a folder; the tests build them once per session. Real processor files live in
+``tests/assets/<family>/`` (copied from the official model repos, see each folder's SOURCE.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from tiny.common import TinySpec
+
+GROUPS = ("qwen", "gemma", "smolvlm", "llava", "internvl", "llama4", "mistral3")
+
+
+def all_specs() -> dict[str, TinySpec]:
+    specs: dict[str, TinySpec] = {}
+    for group in GROUPS:
+        try:
+            module = importlib.import_module(f"tiny.{group}")
+        except ModuleNotFoundError as e:
+            if e.name != f"tiny.{group}":
+                raise
+            continue
+        specs.update({s.name: s for s in module.SPECS})
+    return specs
+
+
+def build(name: str, root: Path) -> Path:
+    """Build (once) the tiny model `name` under `root` and return its folder."""
+    spec = all_specs()[name]
+    out = Path(root) / name
+    if not (out / "config.json").is_file():
+        spec.build(out)
+    return out
