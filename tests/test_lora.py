@@ -93,8 +93,9 @@ def test_lora_run_through_cli_writes_a_peft_adapter(tiny_model_dir, cord_dir, tm
         return real_save(model, processor, out)
 
     monkeypatch.setattr(train_mod, "save_final", spy)
-    cfg = write_recipe(tmp_path / "r.yaml", small_recipe(tiny_model_dir, cord_dir, tmp_path / "run"))
-    assert main(["finetune", "-c", cfg, "peft.method=lora"]) == 0
+    tree = small_recipe(tiny_model_dir, cord_dir, tmp_path / "run")
+    del tree["data"]["validation"]
+    assert main(["finetune", "-c", write_recipe(tmp_path / "r.yaml", tree), "peft.method=lora"]) == 0
 
     final = tmp_path / "run" / "final"
     files = {p.name for p in final.iterdir()}
@@ -247,6 +248,14 @@ def test_lr_multipliers_make_param_groups(tiny_model_dir):
     assert seen == {n for n, p in model.named_parameters() if p.requires_grad}
     assert sum(len(g["params"]) for g in groups) == len(seen)
     assert {g["name"] for g in groups} >= {"vision_tower/decay", "projector/decay", "language_model/no_decay"}
+    # Under a PeftModel the adapter parameters are grouped by the part of the layer they adapt.
+    lora, _ = apply_lora(fresh_model(tiny_model_dir), FAMILY, PeftConfig(projector=True), FreezeConfig(),
+                         str(tiny_model_dir))
+    groups = {g["name"]: g for g in param_groups(lora, FAMILY, 1e-3, 0.0, mult)}
+    assert set(groups) == {"projector/decay", "language_model/decay"}
+    assert groups["projector/decay"]["lr"] == pytest.approx(5e-4)
+    assert all(".merger." in n for n, p in lora.named_parameters()
+               if any(p is q for q in groups["projector/decay"]["params"]))
 
 
 def test_lr_multipliers_through_the_loop(tiny_model_dir, cord_dir, tmp_path, monkeypatch):

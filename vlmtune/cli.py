@@ -109,6 +109,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from vlmtune.config import ModelConfig
     from vlmtune.generate import GenerateError, default_model, generate_one, generate_split
 
     for flag, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens),
@@ -123,6 +124,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         recipe = recipe_from_args(args)
         if args.device:
             recipe.train.device = args.device
+        if args.dtype:
+            recipe.model.dtype = args.dtype
         out, n, skipped = generate_split(recipe, args.split, args.out, args.model, args.adapter, args.limit,
                                          args.batch_size, args.max_new_tokens, args.temperature)
         print(f"vlmtune generate: {n} prediction(s) -> {out}" + (f"; {skipped} unreadable sample(s) skipped"
@@ -136,6 +139,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise GenerateError("--model is required (or -c RECIPE to use that run's model)")
         recipe = recipe_from_args(args)
         model, model_cfg, device = default_model(recipe), recipe.model, device or recipe.train.device
+    if args.dtype:
+        model_cfg = (model_cfg or ModelConfig(name_or_path=model)).model_copy(update={"dtype": args.dtype})
     print(generate_one(model, args.image, args.prompt, args.adapter, args.max_new_tokens, args.temperature,
                        device or "auto", model_cfg))
     return 0
@@ -183,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sampling")
     sp.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                     help="default: the recipe's train.device, else auto")
+    sp.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,
+                    help="weights dtype (default: the recipe's model.dtype, else auto = fp32 + bf16 autocast on CUDA)")
     sp.set_defaults(func=cmd_generate)
     return p
 

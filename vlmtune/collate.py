@@ -80,6 +80,18 @@ def _answers(conversation: list[dict]) -> list[str]:
             for m in conversation if m["role"] == "assistant"]
 
 
+def _append_text(message: dict, suffix: str) -> dict:
+    """`message` with `suffix` glued to its last text part (a new part only if it has none). A separate part would
+    let the template put its part separator (LLaVA 1.5: a space) between the answer and the suffix."""
+    content = list(message["content"])
+    last = max((i for i, p in enumerate(content) if p["type"] == "text"), default=None)
+    if last is None:
+        content.append({"type": "text", "text": suffix})
+    else:
+        content[last] = {**content[last], "text": content[last]["text"] + suffix}
+    return {**message, "content": content}
+
+
 def _media(conversation: list[dict], kind: str) -> list:
     """The images (PIL) or videos (lists of PIL frames) of a conversation, in order."""
     return [p[kind] for m in conversation for p in m["content"] if p["type"] == kind]
@@ -107,17 +119,18 @@ class SampleEncoder:
     def render(self, conversation: list[dict]) -> str:
         if self.family.append_eos:  # the template ends assistant turns with no EOS: add it to the answer text
             eos = self.processor.tokenizer.eos_token
-            conversation = [
-                {**m, "content": [*m["content"], {"type": "text", "text": eos}]} if m["role"] == "assistant" else m
-                for m in conversation
-            ]
+            conversation = [_append_text(m, eos) if m["role"] == "assistant" else m for m in conversation]
         return self.processor.apply_chat_template(conversation, tokenize=False)
 
     def __call__(self, conversation: list[dict], index: int) -> Encoded:
         text = self.render(conversation)
         media = {k + "s": v for k in ("image", "video") if (v := _media(conversation, k))}
+        # A template that writes the BOS itself (Gemma, Llama 4) must not get a second one from the tokenizer:
+        # the rule of transformers' own apply_chat_template(tokenize=True).
+        bos = getattr(self.processor.tokenizer, "bos_token", None)
+        no_bos = {"add_special_tokens": False} if bos and text.startswith(bos) else {}
         try:
-            out = self.processor(text=[text], **media, return_tensors="pt")
+            out = self.processor(text=[text], **media, **no_bos, return_tensors="pt")
         except (ValueError, RuntimeError) as e:  # processors raise these on token/image count mismatches
             raise SampleError("placeholder_mismatch", f"sample {index}: the processor rejected it: {e}") from e
         ids = out["input_ids"][0].tolist()

@@ -2,10 +2,10 @@
 
 Input: a ``final/`` folder of a run (a full model, or a PEFT adapter whose adapter_config.json names its
 base), or a training checkpoint ``output_dir/checkpoints/step-N/`` (vlmtune/checkpoint.py), which is rebuilt
-from its recipe and written as that run's final/ folder would be. Output: weights (safetensors), config, processor, tokenizer, chat template and generation config,
-written beside the destination and renamed in, so it is whole or absent. With ``merge`` an adapter is folded
-into its base (``merge_and_unload``, in fp32) and the result is a plain model; without it the adapter folder
-is copied with its processor.
+from its recipe and written as that run's final/ folder would be. Output: weights (safetensors), config,
+processor, tokenizer, chat template and generation config, written beside the destination and renamed in, so
+it is whole or absent. With ``merge`` an adapter is folded into its base (``merge_and_unload``, in fp32) and
+the result is a plain model; without it the adapter folder is copied with its processor.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from vlmtune.config import ModelConfig
+from vlmtune.generate import has_processor
 from vlmtune.model import load_config, load_model, load_processor
 from vlmtune.peft import adapter_base, attach_adapter, is_adapter_dir
 
@@ -58,7 +59,7 @@ def _copy_adapter(source: Path, out: Path) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp)
-    if not any((tmp / f).is_file() for f in ("processor_config.json", "preprocessor_config.json")):
+    if not has_processor(tmp):
         load_processor(ModelConfig(name_or_path=adapter_base(source))).save_pretrained(tmp)
     if out.exists():
         out.rmdir()  # checked empty
@@ -88,10 +89,9 @@ def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype: 
             return _copy_adapter(source, out)
         base_path = base or adapter_base(source)
         target = saved_dtype(base_path) if dtype == "auto" else dtype
-        model, processor, _ = load_model(ModelConfig(name_or_path=base_path, dtype="float32"), cpu)
+        model, processor, _ = load_model(ModelConfig(name_or_path=base_path, dtype="float32"), cpu,
+                                         processor_path=str(source) if has_processor(source) else None)
         model = attach_adapter(model, source).merge_and_unload()
-        if (source / "processor_config.json").is_file() or (source / "preprocessor_config.json").is_file():
-            processor = load_processor(ModelConfig(name_or_path=str(source)))
         model.eval()
         return _write_model(model, processor, out, target)
 

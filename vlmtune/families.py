@@ -42,6 +42,8 @@ class Family:
     attn_implementation: str = "sdpa"
     # Tensor dtypes some image processors return regardless of the model (Llama 4 returns bf16 pixels).
     cast_to_model_dtype: tuple[str, ...] = ("pixel_values", "pixel_values_videos")
+    # Workarounds for upstream bugs, applied to the loaded model: names of functions in vlmtune.model.LOAD_FIXES.
+    load_fixes: tuple[str, ...] = ()
     notes: str = ""
     model_types: tuple[str, ...] = field(default=())
 
@@ -63,13 +65,19 @@ FAMILIES: tuple[Family, ...] = (
            "<end_of_turn>", model_types=("gemma3n",), attn_implementation="eager"),
     Family("smolvlm", IDEFICS_PARTS, "\nAssistant:", "<end_of_utterance>", model_types=("smolvlm", "idefics3"),
            notes="the answer text starts with a space"),
-    Family("llava", LLAVA_PARTS, " ASSISTANT:", "</s>", append_eos=True, model_types=("llava",)),
+    Family("llava", LLAVA_PARTS, "ASSISTANT:", "</s>", append_eos=True, model_types=("llava",)),
     Family("llava_next", LLAVA_PARTS, "[/INST]", "</s>", model_types=("llava_next", "llava_next_video")),
-    Family("llama4", {"vision_tower": ("vision_model",), "projector": ("multi_modal_projector",),
-                      "language_model": ("language_model", "lm_head")},
-           "<|header_start|>assistant<|header_end|>\n\n", "<|eot|>", model_types=("llama4",)),
+    # The pixel-shuffle MLP inside the vision model (vision_adapter) maps patches into the projector, like Qwen's
+    # merger: it belongs to the projector, so freezing the vision tower trains adapter + projector.
+    Family("llama4", {"vision_tower": ("vision_model",),
+                      "projector": ("vision_model.vision_adapter", "multi_modal_projector"),
+                      "language_model": ("language_model",)},
+           "<|header_start|>assistant<|header_end|>\n\n", "<|eot|>", model_types=("llama4",),
+           load_fixes=("llama4_language_model_image_outputs",),
+           notes="the image processor returns bfloat16 pixel_values; the template trims message text"),
     Family("mistral3", LLAVA_PARTS, "[/INST]", "</s>", model_types=("mistral3",),
-           notes="template injects a default [SYSTEM_PROMPT]"),
+           notes="template injects a default [SYSTEM_PROMPT]; Mistral-Small-3.x and Ministral 3 (Mistral text "
+                 "model) and Mistral-Small-4 (text_config mistral4: MLA + MoE) share this model type"),
 )
 
 _BY_MODEL_TYPE = {mt: fam for fam in FAMILIES for mt in fam.model_types}

@@ -21,10 +21,15 @@ import torch
 
 from vlmtune.config import ModelConfig, Recipe
 from vlmtune.families import Family
-from vlmtune.model import autocast_dtype, load_model, load_processor, pick_device
+from vlmtune.model import autocast_dtype, load_model, pick_device
 from vlmtune.peft import adapter_base, attach_adapter, is_adapter_dir
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
+
+
+def has_processor(folder: str | Path | None) -> bool:
+    """Whether a processor was saved in `folder` (vlmtune saves one beside every adapter)."""
+    return folder is not None and any((Path(folder) / f).is_file() for f in PROCESSOR_FILES)
 
 
 class GenerateError(ValueError):
@@ -44,11 +49,10 @@ def load_for_inference(model_path: str | Path, adapter: str | Path | None = None
             raise GenerateError(f"{model_path} is itself an adapter folder; pass its base model as the model")
         adapter, model_path = model_path, adapter_base(model_path)
     cfg = (model_cfg or ModelConfig(name_or_path=model_path)).model_copy(update={"name_or_path": model_path})
-    model, processor, family = load_model(cfg, device or torch.device("cpu"))
+    model, processor, family = load_model(cfg, device or torch.device("cpu"),
+                                          processor_path=adapter if has_processor(adapter) else None)
     if adapter is not None:
         model = attach_adapter(model, adapter)
-        if any((Path(adapter) / f).is_file() for f in PROCESSOR_FILES):
-            processor = load_processor(cfg.model_copy(update={"name_or_path": str(adapter)}))
     model.eval()
     return model, processor, family
 

@@ -16,9 +16,11 @@ against any dotted piece of a module's name that ends at a module boundary, so `
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -48,6 +50,14 @@ def _import_peft():
     except ImportError as e:  # pragma: no cover - peft is a dependency
         raise AdapterError(f"LoRA needs the peft package ({e}); pip install peft") from e
     return peft
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft 0.21 reads transformers' deprecated ``is_gradient_checkpointing`` on every wrap: not the user's doing."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -210,7 +220,8 @@ def apply_lora(model: torch.nn.Module, family: Family, pcfg: PeftConfig, freeze,
                              use_dora=pcfg.method == "dora", target_modules=targets, modules_to_save=to_save or None,
                              bias="none", base_model_name_or_path=base_reference(base_name_or_path),
                              revision=revision)
-    model = peft.get_peft_model(model, config)
+    with _quiet_peft():
+        model = peft.get_peft_model(model, config)
     adapted = sorted({n.removeprefix(PEFT_PREFIX).split(".lora_")[0] for n, _ in model.named_parameters()
                       if ".lora_" in n})
     if adapted != sorted(targets):  # peft matched names its own way: never train something else silently
@@ -247,7 +258,8 @@ def attach_adapter(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     peft = _import_peft()
     if not is_adapter_dir(path):
         raise AdapterError(f"{path} is not a PEFT adapter folder (no adapter_config.json)")
-    return peft.PeftModel.from_pretrained(model, str(path), is_trainable=False)
+    with _quiet_peft():
+        return peft.PeftModel.from_pretrained(model, str(path), is_trainable=False)
 
 
 # ---------------------------------------------------------------------------------------------------------

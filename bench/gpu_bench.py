@@ -1,0 +1,614 @@
+"""GPU benchmark of vlmtune: a Qwen2.5-VL-3B-sized model (random weights), full fine-tune and LoRA at bf16.
+
+    bash bench/gpu.sh [OUT_DIR]            # what to run on a lent H100 / H200 (checks, wheels, then this)
+    python bench/gpu_bench.py --out DIR    # this script directly
+    python bench/gpu_bench.py --smoke      # tiny model on CPU: exercises every code path, numbers meaningless
+
+Needs nothing from the network: the model is built here from the real Qwen2.5-VL-3B-Instruct dimensions
+(below) with random weights and the Qwen processor shipped in vlmtune/assets; the data are vlmtune's synthetic
+cord-v2 receipts. Each run is `vlmtune.train.finetune(build_recipe(tree))` in its own process, so peak GPU memory
+(torch.cuda.max_memory_allocated / reserved) is that run's alone; a run that runs out of memory is retried with
+half the micro-batch (same global batch) while there is time.
+
+Per run: tokens/s/GPU (non-pad tokens, image tokens included), supervised tokens/s, samples/s, MFU and peak
+memory, over the steps after the first --exclude-steps (the clock runs from the end of step `exclude` to the end
+of the last step, with torch.cuda.synchronize() at each step end). MFU = model FLOPs / time / peak bf16 dense
+FLOP/s of the GPU, with the model FLOPs of each micro-batch counted from its actual shapes (formula in
+docs/benchmarks.md and in `model_flops` below): the vision tower's are included.
+
+Packing: the 'on' runs use the recipe key train.packing=true; until vlmtune implements packing the recipe
+rejects the key and the run is reported as null with that reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # bench/ is not a package: found through sys.path
+
+HERE = Path(__file__).resolve().parent
+
+# Qwen/Qwen2.5-VL-3B-Instruct's config.json (text and vision dimensions); the weights here are random.
+QWEN2_5_VL_3B = {
+    "text": {"hidden_size": 2048, "layers": 36, "heads": 16, "kv_heads": 2, "intermediate_size": 11008,
+             "vocab_size": 151936},
+    "vision": {"hidden_size": 1280, "depth": 32, "heads": 16, "intermediate_size": 3420, "out_hidden_size": 2048,
+               "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31]},
+}
+SMOKE = {
+    "text": {"hidden_size": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate_size": 128,
+             "vocab_size": 151936},
+    "vision": {"hidden_size": 32, "depth": 2, "heads": 2, "intermediate_size": 64, "out_hidden_size": 64,
+               "window_size": 112, "fullatt_block_indexes": [1]},
+}
+# Dense bf16 tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name() (first match wins).
+PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("H200", 989.4e12),
+             ("H800", 989.4e12), ("GH200", 989.4e12), ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12))
+
+
+def model_config(dims: dict):
+    t, v = dims["text"], dims["vision"]
+    text = benchlib.text_config(t["hidden_size"], t["layers"], heads=t["heads"], kv_heads=t["kv_heads"],
+                                intermediate_size=t["intermediate_size"], vocab_size=t["vocab_size"])
+    text["max_position_embeddings"] = 128000
+    vision = benchlib.vision_config(v["hidden_size"], v["depth"], out_hidden_size=v["out_hidden_size"],
+                                    heads=v["heads"], intermediate_size=v["intermediate_size"],
+                                    window_size=v["window_size"], fullatt_block_indexes=v["fullatt_block_indexes"])
+    vision["tokens_per_second"] = 2
+    return benchlib.qwen2_5_vl_config(text, vision)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def window_sizes(t: int, h: int, w: int, merge: int, window_merged: int) -> list[int]:
+    """Patches per attention window of one image or video (t, h, w in patches), as Qwen2.5-VL tiles it:
+    windows of window_merged x window_merged merged tokens (merge x merge patches each), per frame."""
+    mh, mw = h // merge, w // merge
+    sizes = []
+    for _ in range(t):
+        for i in range(0, mh, window_merged):
+            for j in range(0, mw, window_merged):
+                sizes.append(min(window_merged, mh - i) * min(window_merged, mw - j) * merge * merge)
+    return sizes
+
+
+def matmul_sizes(dims: dict, patch: int = 14, merge: int = 2, temporal_patch: int = 2) -> dict:
+    """Weights that multiply each token / patch / merged token (biases, norms and embeddings left out)."""
+    t, v = dims["text"], dims["vision"]
+    d, ff = t["hidden_size"], t["intermediate_size"]
+    dq, dkv = d, t["kv_heads"] * (d // t["heads"])
+    dv, vff = v["hidden_size"], v["intermediate_size"]
+    return {"text_layers": t["layers"] * (d * dq + 2 * d * dkv + dq * d + 3 * d * ff),  # q, k, v, o, gate/up/down
+            "lm_head": d * t["vocab_size"],
+            "vision_block": 4 * dv * dv + 3 * dv * vff,  # qkv, proj, gate/up/down
+            "vision_blocks": v["depth"] * (4 * dv * dv + 3 * dv * vff),
+            "patch_embed": 3 * temporal_patch * patch * patch * dv,
+            "merger": (merge * merge * dv) ** 2 + merge * merge * dv * v["out_hidden_size"]}
+
+
+def measured_matmul_sizes(model) -> dict:
+    """The same sizes read off the built model's nn.Linear / nn.Conv3d weights, to check matmul_sizes."""
+    import torch
+
+    out = {"text_layers": 0, "lm_head": 0, "vision_blocks": 0, "patch_embed": 0, "merger": 0}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear | torch.nn.Conv3d):
+            continue
+        n = module.weight.numel()
+        if ".language_model.layers." in f".{name}":
+            out["text_layers"] += n
+        elif name.endswith("lm_head"):
+            out["lm_head"] += n
+        elif ".visual.blocks." in f".{name}":
+            out["vision_blocks"] += n
+        elif ".visual.patch_embed." in f".{name}":
+            out["patch_embed"] += n
+        elif ".visual.merger." in f".{name}":
+            out["merger"] += n
+    return out
+
+
+def model_flops(batch: dict, dims: dict, mode: str, lora_r: int = 16, patch: int = 14, merge: int = 2,
+                temporal_patch: int = 2) -> dict:
+    """Training FLOPs of one micro-batch (a matmul of m x k by k x n = 2mkn FLOPs), split by part.
+
+    Text decoder, per non-pad token: 2 x (its matmul weights) forward; causal attention 2 x d_q x s per token
+    (QK^T and AV over the s/2 earlier tokens on average) forward; the LM head 2 x d x V forward, counted only at
+    supervised positions (vlmtune computes logits only there). Vision tower, per patch: the patch embedding
+    (3 x temporal_patch x patch^2 -> d_v) and each block's matmuls; attention 4 x d_v x (patches in its window,
+    or in its image for the full-attention blocks); the merger per merged token. Training = forward x 3 for
+    what trains (backward: activation grads + weight grads); LoRA: frozen base matmuls forward x 2 (activation
+    grads only, weight grads not needed), attention x 3, adapters 6 x r x (in + out) per adapted linear per
+    token, and the frozen vision tower (no adapters there by default) forward only.
+    """
+    t, v = dims["text"], dims["vision"]
+    d, layers, ff, vocab = t["hidden_size"], t["layers"], t["intermediate_size"], t["vocab_size"]
+    dq, dkv = t["hidden_size"], t["kv_heads"] * (d // t["heads"])
+    sizes = matmul_sizes(dims, patch, merge, temporal_patch)
+    text_matmul, block_matmul = sizes["text_layers"], sizes["vision_block"]
+    embed_matmul, merger_matmul = sizes["patch_embed"], sizes["merger"]
+    dv, depth = v["hidden_size"], v["depth"]
+    window_merged = v["window_size"] // merge // patch
+    full_blocks = len(v["fullatt_block_indexes"])
+
+    lengths, supervised = batch["lengths"], batch["supervised"]
+    tokens = sum(lengths)
+    text_w = 3 if mode == "full" else 2
+    vision_w = 3 if mode == "full" else 1
+    text = text_w * 2 * text_matmul * tokens
+    # causal: s^2 / 2 (query, key) pairs per sequence, 2 FLOPs x d_q each for QK^T and again for AV
+    text_attn = 3 * layers * sum(2 * dq * s * s for s in lengths)
+    head = text_w * 2 * d * vocab * supervised
+    adapters = 0
+    if mode == "lora":
+        in_out = dq + d + 2 * (dkv + d) + dq + d + 2 * (d + ff) + ff + d
+        adapters = 6 * lora_r * in_out * layers * tokens
+    patches = sum(tt * hh * ww for tt, hh, ww in batch["grids"])
+    vision = vision_w * 2 * (embed_matmul + depth * block_matmul) * patches
+    vision += vision_w * 2 * merger_matmul * patches // (merge * merge)
+    vision_attn = 0
+    for tt, hh, ww in batch["grids"]:
+        win = sum(n * n for n in window_sizes(tt, hh, ww, merge, window_merged))
+        full = tt * (hh * ww) ** 2
+        vision_attn += 4 * dv * ((depth - full_blocks) * win + full_blocks * full)
+    vision_attn *= 3 if mode == "full" else 1
+    parts = {"text_matmul": text, "text_attention": text_attn, "lm_head": head, "lora_adapters": adapters,
+             "vision_matmul": vision, "vision_attention": vision_attn}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def peak_flops(device_name: str, override_tflops: float | None) -> tuple[float | None, str]:
+    if override_tflops:
+        return override_tflops * 1e12, "--peak-tflops"
+    for key, value in PEAK_BF16:
+        if key in device_name:
+            return value, f"dense bf16 peak of {key}"
+    return None, f"unknown peak for {device_name!r}: pass --peak-tflops"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Children: prep (model + data) and one vlmtune run
+
+
+def child_prep(spec: dict) -> dict:
+    import torch
+    from transformers import AutoProcessor, GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+    from vlmtune.demo import ASSETS
+
+    out = Path(spec["model_dir"])
+    info = None
+    stamp = out / "bench_stamp.json"
+    want = {"dims": spec["dims"], "dtype": spec["dtype"], "seed": spec["seed"]}
+    if stamp.is_file() and (out / "config.json").is_file():
+        have = json.loads(stamp.read_text())
+        if have.get("stamp") == want:
+            info = have["info"]
+    t0 = time.time()
+    if info is None:
+        config = model_config(spec["dims"])
+        torch.manual_seed(spec["seed"])
+        device = "cuda" if torch.cuda.is_available() and not spec["smoke"] else "cpu"
+        with torch.device(device):
+            model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=getattr(torch, spec["dtype"]))
+        model.generation_config = GenerationConfig(bos_token_id=151643, eos_token_id=[151645, 151643],
+                                                   pad_token_id=151643, max_new_tokens=64)
+        info = benchlib.parameter_counts(model)
+        want_sizes = {k: v for k, v in matmul_sizes(spec["dims"]).items() if k != "vision_block"}
+        got_sizes = measured_matmul_sizes(model)
+        info["flop_count_check"] = "ok" if got_sizes == want_sizes else {"formula": want_sizes, "model": got_sizes}
+        model.save_pretrained(out, max_shard_size="4GB")
+        AutoProcessor.from_pretrained(ASSETS).save_pretrained(out)
+        stamp.write_text(json.dumps({"stamp": want, "info": info}))
+        del model
+    info["build_s"] = time.time() - t0
+    t1 = time.time()
+    from vlmtune.data.synthetic import write_synthetic_cord
+
+    write_synthetic_cord(Path(spec["data_dir"]), n_train=spec["n_train"], n_validation=0, seed=spec["seed"],
+                         image_size=tuple(spec["image_size"]))
+    info["data_s"] = time.time() - t1
+    return {"model": info}
+
+
+def recipe_tree(spec: dict, run: dict) -> dict:
+    train = {"max_steps": spec["steps"], "micro_batch_size": run["micro_batch"],
+             "global_batch_size": spec["global_batch"], "lr": spec["lr_full"] if run["mode"] == "full"
+             else spec["lr_lora"], "warmup_steps": 2, "schedule": "cosine", "seed": spec["seed"],
+             "max_length": 4096, "log_every_steps": 5, "device": "cpu" if spec["smoke"] else "cuda"}
+    if run["packing"]:
+        train["packing"] = True
+    tree = {"output_dir": str(Path(spec["workdir"]) / "runs" / run["name"]),
+            "model": {"name_or_path": spec["model_dir"], "dtype": spec["recipe_dtype"]},
+            "data": {"train": {"source": spec["data_dir"], "format": "cord_v2", "split": "train"},
+                     "num_workers": spec["num_workers"]},
+            "train": train}
+    if spec.get("attn"):
+        tree["model"]["attn_implementation"] = spec["attn"]
+    if run["mode"] == "lora":
+        tree["peft"] = {"method": "lora", "r": spec["lora_r"], "alpha": 2 * spec["lora_r"], "dropout": 0.05}
+    return tree
+
+
+def child_run(spec: dict, run: dict) -> dict:
+    import torch
+
+    import vlmtune.metrics
+    import vlmtune.train
+    from vlmtune.config import build_recipe
+
+    recipe = build_recipe(recipe_tree(spec, run))
+    cuda = torch.cuda.is_available() and not spec["smoke"]
+    batches: list[dict] = []
+    step_ends: list[float] = []
+
+    def collate(items, *args, **kwargs):
+        batch = original_collate(items, *args, **kwargs)
+        if "attention_mask" in batch:
+            stats = benchlib.batch_stats(batch)
+            stats["lengths"] = batch["attention_mask"].sum(dim=1).tolist()
+            grid = batch.get("image_grid_thw")
+            stats["grids"] = grid.tolist() if grid is not None else []
+            batches.append(stats)
+        return batch
+
+    original_collate = vlmtune.train.collate
+    vlmtune.train.collate = collate
+    original_step = vlmtune.metrics.Metrics.step
+
+    def timed_step(self, *args, **kwargs):
+        if cuda:
+            torch.cuda.synchronize()
+        step_ends.append(benchlib.now())
+        return original_step(self, *args, **kwargs)
+
+    vlmtune.metrics.Metrics.step = timed_step
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = benchlib.now()
+    try:
+        vlmtune.train.finetune(recipe)
+    except torch.cuda.OutOfMemoryError as e:
+        out = {"oom": True, "error": f"CUDA out of memory at micro-batch {run['micro_batch']}: "
+                                     f"{str(e).splitlines()[0][:300]}"}
+        if cuda:
+            out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return out
+    out_dir = Path(recipe.output_dir)
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = [r for r in records if "loss" in r]
+    result = {"step_ends": step_ends, "batches": batches, "t_start": t0,
+              "losses": [r["loss"] for r in records], "vlmtune_tokens_per_s": [r.get("tokens_per_s") for r in records],
+              "summary": json.loads((out_dir / "summary.json").read_text())}
+    if cuda:
+        result.update(device=torch.cuda.get_device_name(), peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
+                      peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
+    else:
+        result.update(device=f"cpu ({platform.processor() or platform.machine()})")
+    result["peak_rss_gib"] = (benchlib.vm_hwm_kib() or 0) / 2**20
+    if not spec.get("keep_outputs"):  # the full fine-tune's final/ is a 7.5 GB copy of the weights
+        import shutil
+
+        shutil.rmtree(out_dir / "final", ignore_errors=True)
+    return result
+
+
+def child_main(which: str, spec_file: Path, result_file: Path) -> int:
+    spec = json.loads(spec_file.read_text())
+    try:
+        result = child_prep(spec) if which == "prep" else child_run(spec, spec["runs"][which])
+    except Exception as e:
+        import traceback
+
+        traceback.print_exc()
+        result = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:500]}
+    benchlib.write_json(result_file, result)
+    return 1 if "error" in result else 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The parent: plan, run each child under the time budget, summarise
+
+
+def spawn(which: str, spec_file: Path, workdir: Path, timeout: float) -> dict:
+    result_file = workdir / f"result-{which}.json"
+    result_file.unlink(missing_ok=True)
+    log = workdir / "logs" / f"{which}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with log.open("w") as f:
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", which, str(spec_file),
+                                 str(result_file)], stdout=f, stderr=subprocess.STDOUT,
+                                env=benchlib.offline_env({"PYTHONUNBUFFERED": "1"}), start_new_session=True)
+        try:
+            code = proc.wait(timeout=max(1.0, timeout))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            code = None
+    result = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    if code is None:
+        result["error"] = f"stopped after {timeout:.0f} s (time budget)"
+    elif code and "error" not in result:
+        result["error"] = f"exit code {code}"
+    result["wall_s"] = time.time() - started
+    result["log"] = str(log)
+    if "error" in result and not result.get("oom"):
+        tail = log.read_text(errors="replace").splitlines()[-20:]
+        print(f"[gpu-bench] {which} failed: {result['error']}\n    " + "\n    ".join(tail), flush=True)
+    return result
+
+
+def summarize(result: dict, spec: dict, run: dict, peak: float | None) -> dict:
+    exclude = spec["exclude_steps"]
+    ends, batches = result["step_ends"], result["batches"]
+    accum = spec["global_batch"] // run["micro_batch"]
+    n = len(ends)
+    if n <= exclude or len(batches) < n * accum:
+        return {"error": f"only {n} steps / {len(batches)} batches recorded"}
+    window = batches[exclude * accum : n * accum]
+    elapsed = ends[-1] - ends[exclude - 1] if exclude else ends[-1] - result["t_start"]
+    flops = {}
+    for b in window:
+        for k, val in model_flops(b, spec["dims"], run["mode"], spec["lora_r"]).items():
+            flops[k] = flops.get(k, 0) + val
+    tokens = sum(b["tokens"] for b in window)
+    achieved = flops["total"] / elapsed
+    return {
+        "tokens_per_s_per_gpu": tokens / elapsed,
+        "supervised_tokens_per_s": sum(b["supervised"] for b in window) / elapsed,
+        "samples_per_s": sum(b["samples"] for b in window) / elapsed,
+        "model_tflops_per_s": achieved / 1e12,
+        "mfu": achieved / peak if peak else None,
+        "flops_share": {k: v / flops["total"] for k, v in flops.items() if k != "total"},
+        "peak_allocated_gib": result.get("peak_allocated_gib"), "peak_reserved_gib": result.get("peak_reserved_gib"),
+        "peak_rss_gib": result.get("peak_rss_gib"),
+        "padding_fraction": 1 - sum(b["tokens"] for b in batches) / sum(b["padded"] for b in batches),
+        "mean_tokens_per_sample": sum(b["tokens"] for b in batches) / sum(b["samples"] for b in batches),
+        "image_patches_per_sample": sum(t * h * w for b in batches for t, h, w in b["grids"])
+        / sum(b["samples"] for b in batches),
+        "first_loss": result["losses"][0] if result["losses"] else None,
+        "final_loss": result["losses"][-1] if result["losses"] else None,
+        "micro_batch": run["micro_batch"], "grad_accum": accum, "measured_steps": n - exclude,
+        "measured_s": elapsed, "wall_s": result["wall_s"], "device": result.get("device"),
+    }
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("runs/bench-gpu"), help="folder for summary.json and logs")
+    p.add_argument("--workdir", type=Path, default=None, help="model, data and runs (default /tmp/vlmtune-gpu-bench)")
+    p.add_argument("--modes", default="full,lora", help="full and/or lora")
+    p.add_argument("--packing", default="off,on", help="off and/or on (on: train.packing=true)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--exclude-steps", type=int, default=5, help="first steps left out of the throughput")
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--image-size", default="448x448", help="receipt images WxH (448x448: 1024 patches, 256 tokens)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "auto"],
+                   help="model.dtype: bfloat16 weights, or auto (fp32 master weights + bf16 autocast)")
+    p.add_argument("--attn", default=None, help="model.attn_implementation (default: vlmtune's, sdpa)")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--budget-s", type=float, default=450, help="stop starting runs past this many seconds")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s if not detected")
+    p.add_argument("--keep-outputs", action="store_true", help="keep each run's final/ model folder")
+    p.add_argument("--smoke", action="store_true", help="tiny model on CPU, 3 steps: checks the script only")
+    p.add_argument("--check", action="store_true", help="only check the environment")
+    p.add_argument("--child", nargs=3, metavar=("WHICH", "SPEC", "RESULT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.steps, args.exclude_steps, args.micro_batch_size, args.grad_accum = 3, 1, 2, 1
+        args.image_size, args.num_workers = "224x224", 0
+    return args
+
+
+REQUIRED = {"torch": "2.6", "transformers": "5.20", "datasets": "4.0", "pydantic": "2.7", "peft": None,
+            "pyarrow": "15", "yaml": None, "PIL": None, "torchvision": None}
+
+
+def check_environment(need_cuda: bool) -> list[str]:
+    """Problems that would stop the benchmark, each with what to do."""
+    import importlib
+
+    problems = []
+    for name, minimum in REQUIRED.items():
+        try:
+            module = importlib.import_module(name)
+        except Exception as e:
+            problems.append(f"cannot import {name} ({type(e).__name__}: {str(e)[:120]})")
+            continue
+        version = getattr(module, "__version__", None)
+        if minimum and version and _version_tuple(version) < _version_tuple(minimum):
+            problems.append(f"{name} {version} is older than {minimum}")
+    if not problems:
+        try:
+            import vlmtune.train  # noqa: F401
+        except Exception as e:
+            problems.append(f"cannot import vlmtune.train ({type(e).__name__}: {str(e)[:200]})")
+    if need_cuda and not problems:
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append("torch sees no CUDA device (use --smoke for a CPU check of the script)")
+    return problems
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for piece in v.split("+")[0].split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits:
+            break
+        out.append(int(digits))
+    return tuple(out)
+
+
+def table(rows: dict) -> str:
+    lines = ["| run | micro x accum | tokens/s/GPU | supervised tok/s | samples/s | model TFLOP/s | MFU | peak alloc "
+             "(GiB) | peak reserved (GiB) | loss first → last |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for name, r in rows.items():
+        if "tokens_per_s_per_gpu" not in r:
+            lines.append(f"| {name} | — | — | — | — | — | — | — | — | not run: {r.get('reason', '?')[:140]} |")
+            continue
+        mfu = "—" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        alloc = "—" if r["peak_allocated_gib"] is None else f"{r['peak_allocated_gib']:.1f}"
+        res = "—" if r["peak_reserved_gib"] is None else f"{r['peak_reserved_gib']:.1f}"
+        lines.append(f"| {name} | {r['micro_batch']} x {r['grad_accum']} | {r['tokens_per_s_per_gpu']:.0f} | "
+                     f"{r['supervised_tokens_per_s']:.0f} | {r['samples_per_s']:.2f} | {r['model_tflops_per_s']:.1f} "
+                     f"| {mfu} | {alloc} | {res} | {r['first_loss']:.3f} → {r['final_loss']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        return child_main(*args.child[:1], Path(args.child[1]), Path(args.child[2]))
+    started = time.time()
+    problems = check_environment(need_cuda=not args.smoke)
+    if problems or args.check:
+        for line in problems:
+            print(f"[gpu-bench] {line}", flush=True)
+        if problems:
+            print("[gpu-bench] on a lent GPU machine: run bash bench/gpu_wheels.sh here first, carry .whl, and "
+                  "start with bash bench/gpu.sh (it installs .whl/*.whl into /tmp before running this)", flush=True)
+        return 3 if problems else 0
+
+    from vlmtune.config import RecipeError, build_recipe
+
+    modes = [m for m in args.modes.split(",") if m]
+    packings = [p for p in args.packing.split(",") if p]
+    width, height = (int(x) for x in args.image_size.lower().split("x"))
+    dims = SMOKE if args.smoke else QWEN2_5_VL_3B
+    workdir = (args.workdir or Path("/tmp/vlmtune-gpu-bench-smoke" if args.smoke else "/tmp/vlmtune-gpu-bench")
+               ).resolve()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    global_batch = args.micro_batch_size * args.grad_accum
+    tag = "smoke" if args.smoke else "qwen2_5_vl_3b"
+    spec = {"dims": dims, "dtype": args.dtype if args.dtype != "auto" else "float32", "seed": 0,
+            "smoke": args.smoke, "model_dir": str(workdir / f"model-{tag}-{args.dtype}"),
+            "data_dir": str(workdir / f"cord-synthetic-{width}x{height}-n{args.steps * global_batch}"),
+            "n_train": args.steps * global_batch, "image_size": [width, height], "workdir": str(workdir),
+            "steps": args.steps, "exclude_steps": args.exclude_steps, "global_batch": global_batch,
+            "lr_full": 1e-5, "lr_lora": 2e-4, "lora_r": args.lora_r, "num_workers": args.num_workers,
+            "attn": args.attn, "keep_outputs": args.keep_outputs, "runs": {},
+            # model.dtype in the recipes; auto: fp32 weights in the folder (spec dtype) and bf16 autocast on CUDA
+            "recipe_dtype": args.dtype}
+    runs = {}
+    for mode in modes:
+        for packing in packings:
+            name = f"{mode}-packing-{packing}"
+            runs[name] = {"name": name, "mode": mode, "packing": packing == "on", "micro_batch": args.micro_batch_size}
+    spec["runs"] = runs
+    spec_file = workdir / "spec.json"
+
+    def save_spec():
+        for r in runs.values():
+            r["recipe"] = recipe_tree(spec, r)  # for the record
+        benchlib.write_json(spec_file, spec)
+
+    # Recipes are checked before anything heavy: a rejected key (packing, until it exists) costs nothing.
+    rows: dict[str, dict] = {}
+    for name, r in runs.items():
+        try:
+            build_recipe(recipe_tree(spec, r))
+        except RecipeError as e:
+            problems = [ln.strip(" -") for ln in str(e).splitlines() if ln.strip().startswith("- ")]
+            reason = "; ".join(problems or [str(e)]).split(" (known here")[0]
+            rows[name] = {"reason": f"the recipe rejects it ({reason})" + (
+                ": packing is not implemented yet" if r["packing"] else "")}
+    todo = [n for n in runs if n not in rows]
+    save_spec()
+    print(f"[gpu-bench] {len(todo)} run(s): {', '.join(todo) or 'none'}; workdir {workdir}", flush=True)
+    prep = spawn("prep", spec_file, workdir, args.budget_s - (time.time() - started))
+    if "error" in prep:
+        summary = {"error": f"prep failed: {prep['error']}", "log": prep["log"]}
+        benchlib.write_json(out / "summary.json", summary)
+        return 1
+    pm = prep["model"]
+    print(f"[gpu-bench] model {pm['parameters'] / 1e9:.3f}B parameters ({pm['vision_parameters'] / 1e6:.0f}M "
+          f"vision), built/reused in {pm['build_s']:.0f} s (FLOP count check: {pm.get('flop_count_check')}); "
+          f"data in {pm['data_s']:.0f} s", flush=True)
+    device, peak, peak_source = None, None, None
+    last_wall = 0.0
+    for name in todo:
+        r = runs[name]
+        while True:
+            left = args.budget_s - (time.time() - started)
+            if left < max(60.0, 0.8 * last_wall):
+                rows[name] = {"reason": f"skipped: {left:.0f} s left of --budget-s {args.budget_s:.0f}"}
+                break
+            save_spec()
+            print(f"[gpu-bench] {name}: micro-batch {r['micro_batch']} x {global_batch // r['micro_batch']} ...",
+                  flush=True)
+            result = spawn(name, spec_file, workdir, left)
+            last_wall = result["wall_s"]
+            if result.get("oom") and r["micro_batch"] > 1:
+                print(f"[gpu-bench]   out of memory at micro-batch {r['micro_batch']}; halving", flush=True)
+                r["micro_batch"] //= 2
+                continue
+            if "error" in result:
+                rows[name] = {"reason": result["error"], "log": result["log"]}
+                break
+            if device is None:
+                device = result.get("device")
+                peak, peak_source = peak_flops(device or "", args.peak_tflops)
+            rows[name] = summarize(result, spec, r, peak)
+            s = rows[name]
+            if "tokens_per_s_per_gpu" in s:
+                mfu = "—" if s["mfu"] is None else f"{100 * s['mfu']:.1f}%"
+                print(f"[gpu-bench]   {s['tokens_per_s_per_gpu']:.0f} tokens/s, MFU {mfu}, peak "
+                      f"{s['peak_allocated_gib'] or 0:.1f} GiB allocated ({result['wall_s']:.0f} s)", flush=True)
+            break
+    summary = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": device, "peak_flops": peak, "peak_source": peak_source, "smoke": args.smoke,
+        "model": {"dims": dims, "parameters": prep["model"], "dtype": args.dtype,
+                  "attn_implementation": args.attn or "vlmtune default (sdpa)"},
+        "settings": {"steps": args.steps, "exclude_steps": args.exclude_steps, "global_batch": global_batch,
+                     "image_size": [width, height], "lora_r": args.lora_r, "lr_full": spec["lr_full"],
+                     "lr_lora": spec["lr_lora"], "num_workers": args.num_workers},
+        "mfu_formula": model_flops.__doc__.strip(),
+        "runs": rows, "total_wall_s": time.time() - started,
+        "versions": _versions(),
+    }
+    benchlib.write_json(out / "summary.json", summary)
+    print()
+    print(f"device: {device}; peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s ({peak_source}); "
+          f"model {prep['model']['parameters'] / 1e9:.2f}B, {args.dtype}; {args.steps} steps of {global_batch}, "
+          f"first {args.exclude_steps} excluded")
+    print(table(rows))
+    (out / "table.md").write_text(table(rows) + "\n")
+    print(f"[gpu-bench] summary: {out / 'summary.json'} ({time.time() - started:.0f} s)")
+    return 0 if all("tokens_per_s_per_gpu" in r or "rejects" in r.get("reason", "") for r in rows.values()) else 1
+
+
+def _versions() -> dict:
+    import importlib.metadata
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "datasets", "accelerate"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
