@@ -236,6 +236,11 @@ def now() -> float:
     return time.perf_counter()
 
 
+def cpu_now() -> float:
+    """CPU time of this process, all its threads, in seconds: less sensitive than wall time to other load."""
+    return time.process_time()
+
+
 def offline_env(extra: dict | None = None) -> dict:
     """The environment of a child run: no network (everything comes from disk), no telemetry."""
     env = dict(os.environ)

@@ -120,16 +120,21 @@ def run_child(which: str, spec_file: Path, workdir: Path, timeout: int) -> dict:
                              file_actions=[(os.POSIX_SPAWN_DUP2, log.fileno(), 1),
                                            (os.POSIX_SPAWN_DUP2, log.fileno(), 2)])
         status, usage, killed = None, None, False
-        while status is None:
-            done, st, ru = os.wait4(pid, os.WNOHANG)
-            if done:
-                status, usage = st, ru
-            elif time.time() - started > timeout:
+        try:
+            while status is None:
+                done, st, ru = os.wait4(pid, os.WNOHANG)
+                if done:
+                    status, usage = st, ru
+                elif time.time() - started > timeout:
+                    os.kill(pid, signal.SIGKILL)
+                    killed = True
+                    _, status, usage = os.wait4(pid, 0)
+                else:
+                    time.sleep(0.2)
+        finally:
+            if status is None:  # interrupted (Ctrl-C, SIGTERM): the run goes too (SIGKILL: vlmtune would checkpoint)
                 os.kill(pid, signal.SIGKILL)
-                killed = True
-                _, status, usage = os.wait4(pid, 0)
-            else:
-                time.sleep(0.2)
+                os.waitpid(pid, 0)
     wall = time.time() - started
     code = os.waitstatus_to_exitcode(status)
     result = json.loads(result_file.read_text()) if result_file.is_file() else {}
@@ -183,6 +188,8 @@ def summarize(which: str, result: dict, spec: dict) -> dict:
         notes.append(clock)
     window = tokens[exclude:]
     sums = {k: sum(t[k] for t in window) for k in ("tokens", "supervised", "samples")}
+    cpu = (steps[-1]["cpu_end"] - steps[exclude - 1]["cpu_end"]
+           if exclude and all("cpu_end" in s for s in steps) else None)
     padded = [t["padded"] for t in tokens]
     padding = (1 - sum(t["tokens"] for t in tokens) / sum(padded)) if None not in padded else None
     rss_kib = result.get("vm_hwm_kib") or result["ru_maxrss_kib"]
@@ -190,6 +197,9 @@ def summarize(which: str, result: dict, spec: dict) -> dict:
         "tokens_per_s": sums["tokens"] / elapsed,
         "supervised_tokens_per_s": sums["supervised"] / elapsed,
         "samples_per_s": sums["samples"] / elapsed,
+        # the same window's CPU time (process_time: all threads of the run's process)
+        "supervised_tokens_per_cpu_s": sums["supervised"] / cpu if cpu else None,
+        "measured_cpu_seconds": cpu,
         "peak_rss_mib": rss_kib / 1024,
         "ru_maxrss_mib": result["ru_maxrss_kib"] / 1024,
         "rss_before_train_mib": (result["rss_before_train_kib"] / 1024 if result.get("rss_before_train_kib")
@@ -257,8 +267,8 @@ def fmt(value, spec: str) -> str:
 
 
 def table(runs: dict) -> str:
-    head = ("| run | tokens/s | supervised tok/s | samples/s | peak RSS (MiB) | padding | loss step 1 | final loss "
-            "| wall (s) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    head = ("| run | tokens/s | supervised tok/s | samples/s | supervised tok / CPU-s | peak RSS (MiB) | padding "
+            "| loss step 1 | final loss | wall (s) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for which, r in runs.items():
         name = LABELS.get(which, which)
@@ -268,17 +278,23 @@ def table(runs: dict) -> str:
                 problem = next((ln.strip(" -") for ln in r["rejected"].splitlines() if ln.strip().startswith("- ")),
                                r["rejected"])
                 why = f"recipe rejected it: {problem.split(' (known here')[0]}"
-            lines.append(f"| {name} — not run: {why[:120]} | — | — | — | — | — | — | — | — |")
+            lines.append(f"| {name} — not run: {why[:120]} | — | — | — | — | — | — | — | — | — |")
             continue
         pad = None if r["padding_fraction"] is None else 100 * r["padding_fraction"]
         lines.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['supervised_tokens_per_s']:.1f} | "
-                     f"{r['samples_per_s']:.3f} | {r['peak_rss_mib']:.0f} | {fmt(pad, '.1f')}% | "
+                     f"{r['samples_per_s']:.3f} | {fmt(r['supervised_tokens_per_cpu_s'], '.1f')} | "
+                     f"{r['peak_rss_mib']:.0f} | {fmt(pad, '.1f')}% | "
                      f"{fmt(r['first_loss'], '.4f')} | {fmt(r['final_loss'], '.4f')} | {r['wall_s']:.0f} |")
     return "\n".join(lines)
 
 
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     spec = make_spec(args)
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -251,22 +252,24 @@ def child_run(spec: dict, run: dict) -> dict:
     from vlmtune.config import build_recipe
 
     recipe = build_recipe(recipe_tree(spec, run))
+    shutil.rmtree(recipe.output_dir, ignore_errors=True)  # a fresh run: vlmtune refuses one with checkpoints
     cuda = torch.cuda.is_available() and not spec["smoke"]
     batches: list[dict] = []
     step_ends: list[float] = []
 
-    def collate(items, *args, **kwargs):
-        batch = original_collate(items, *args, **kwargs)
-        if "attention_mask" in batch:
+    # Hook 1: every micro-batch as the loop moves it to the device (in this process: collate runs in the
+    # DataLoader workers). Hook 2: a timestamp when the loop hands a finished step to Metrics.step.
+    def to_device(batch, *args, **kwargs):
+        if "attention_mask" in batch and "labels" in batch:
             stats = benchlib.batch_stats(batch)
             stats["lengths"] = batch["attention_mask"].sum(dim=1).tolist()
             grid = batch.get("image_grid_thw")
             stats["grids"] = grid.tolist() if grid is not None else []
             batches.append(stats)
-        return batch
+        return original_to_device(batch, *args, **kwargs)
 
-    original_collate = vlmtune.train.collate
-    vlmtune.train.collate = collate
+    original_to_device = vlmtune.train.to_device
+    vlmtune.train.to_device = to_device
     original_step = vlmtune.metrics.Metrics.step
 
     def timed_step(self, *args, **kwargs):
@@ -300,8 +303,6 @@ def child_run(spec: dict, run: dict) -> dict:
         result.update(device=f"cpu ({platform.processor() or platform.machine()})")
     result["peak_rss_gib"] = (benchlib.vm_hwm_kib() or 0) / 2**20
     if not spec.get("keep_outputs"):  # the full fine-tune's final/ is a 7.5 GB copy of the weights
-        import shutil
-
         shutil.rmtree(out_dir / "final", ignore_errors=True)
     return result
 
@@ -330,15 +331,20 @@ def spawn(which: str, spec_file: Path, workdir: Path, timeout: float) -> dict:
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     with log.open("w") as f:
+        # Its own process group (with its DataLoader workers), so a stop takes all of it: SIGKILL, since
+        # vlmtune answers SIGTERM by writing a checkpoint.
         proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", which, str(spec_file),
                                  str(result_file)], stdout=f, stderr=subprocess.STDOUT,
                                 env=benchlib.offline_env({"PYTHONUNBUFFERED": "1"}), start_new_session=True)
+        code = None
         try:
             code = proc.wait(timeout=max(1.0, timeout))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            code = None
+            pass
+        finally:
+            if proc.poll() is None:  # past its time, or this process is being stopped (SIGTERM, Ctrl-C)
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     result = json.loads(result_file.read_text()) if result_file.is_file() else {}
     if code is None:
         result["error"] = f"stopped after {timeout:.0f} s (time budget)"
@@ -412,7 +418,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:
         args.steps, args.exclude_steps, args.micro_batch_size, args.grad_accum = 3, 1, 2, 1
-        args.image_size, args.num_workers = "224x224", 0
+        args.image_size, args.num_workers = "224x224", 2
+        args.budget_s = max(args.budget_s, 3600.0)  # a CPU check: no device time to save
     return args
 
 
@@ -473,10 +480,15 @@ def table(rows: dict) -> str:
     return "\n".join(lines)
 
 
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through spawn(), which kills the running child's group
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
         return child_main(*args.child[:1], Path(args.child[1]), Path(args.child[2]))
+    signal.signal(signal.SIGTERM, _terminate)
     started = time.time()
     problems = check_environment(need_cuda=not args.smoke)
     if problems or args.check:
@@ -535,6 +547,10 @@ def main(argv=None) -> int:
     todo = [n for n in runs if n not in rows]
     save_spec()
     print(f"[gpu-bench] {len(todo)} run(s): {', '.join(todo) or 'none'}; workdir {workdir}", flush=True)
+    if time.time() - started > args.budget_s - 60:
+        print(f"[gpu-bench] {time.time() - started:.0f} s spent before the first run: no time left in --budget-s "
+              f"{args.budget_s:.0f}", flush=True)
+        return 1
     prep = spawn("prep", spec_file, workdir, args.budget_s - (time.time() - started))
     if "error" in prep:
         summary = {"error": f"prep failed: {prep['error']}", "log": prep["log"]}
@@ -572,9 +588,11 @@ def main(argv=None) -> int:
             s = rows[name]
             if "tokens_per_s_per_gpu" in s:
                 mfu = "—" if s["mfu"] is None else f"{100 * s['mfu']:.1f}%"
-                print(f"[gpu-bench]   {s['tokens_per_s_per_gpu']:.0f} tokens/s, MFU {mfu}, peak "
-                      f"{s['peak_allocated_gib'] or 0:.1f} GiB allocated ({result['wall_s']:.0f} s)", flush=True)
+                mem = ("—" if s["peak_allocated_gib"] is None else f"{s['peak_allocated_gib']:.1f} GiB")
+                print(f"[gpu-bench]   {s['tokens_per_s_per_gpu']:.0f} tokens/s, MFU {mfu}, peak allocated {mem} "
+                      f"({result['wall_s']:.0f} s)", flush=True)
             break
+    rows = {name: rows[name] for name in runs}  # in plan order: full, lora; packing off, on
     summary = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": device, "peak_flops": peak, "peak_source": peak_source, "smoke": args.smoke,

@@ -9,6 +9,7 @@ collated batches with the same function for all three, benchlib.batch_stats).
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import traceback
 from functools import partial
@@ -53,6 +54,7 @@ def run_vlmtune(spec: dict, packing: bool = False) -> dict:
     from vlmtune.config import RecipeError, build_recipe
 
     out_dir = Path(spec["workdir"]) / ("vlmtune-packed" if packing else "vlmtune")
+    shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run (vlmtune refuses an output_dir with checkpoints)
     try:
         recipe = build_recipe(vlmtune_tree(spec, out_dir, packing))
     except RecipeError as e:
@@ -64,7 +66,7 @@ def run_vlmtune(spec: dict, packing: bool = False) -> dict:
     # Hook 1: count every collated micro-batch (train.py binds `collate` when it builds the DataLoader, after
     # this). Hook 2: a timestamp when the loop hands a finished optimizer step to Metrics.step.
     batches: list[dict] = []
-    step_ends: list[float] = []
+    step_ends: list[tuple[float, float]] = []
     hooks = []
     if hasattr(vlmtune.train, "collate"):
         original_collate = vlmtune.train.collate
@@ -73,7 +75,7 @@ def run_vlmtune(spec: dict, packing: bool = False) -> dict:
     original_step = vlmtune.metrics.Metrics.step
 
     def timed_step(self, *args, **kwargs):
-        step_ends.append(benchlib.now())
+        step_ends.append((benchlib.now(), benchlib.cpu_now()))
         return original_step(self, *args, **kwargs)
 
     vlmtune.metrics.Metrics.step = timed_step
@@ -93,7 +95,7 @@ def run_vlmtune(spec: dict, packing: bool = False) -> dict:
                 # fallback clock: vlmtune's own step time (data fetch .. optimizer step)
                 "elapsed_reported": r["tokens"] / r["tokens_per_s"] if r.get("tokens_per_s") else None}
         if i < len(step_ends):
-            step["t_end"] = step_ends[i]
+            step["t_end"], step["cpu_end"] = step_ends[i]
         steps.append(step)
     return {"steps": steps, "batches": batches, "t_start": t0, "t_finish": t_end, "hooks": hooks,
             "rss_before_train_kib": rss_before, "rss_before_train_what": "after imports",
@@ -157,7 +159,8 @@ def step_clock():
             self.lr = scheduler.get_last_lr()[0] if scheduler is not None else None
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.steps.append({"step": state.global_step, "t_end": benchlib.now(), "lr": self.lr})
+            self.steps.append({"step": state.global_step, "t_end": benchlib.now(), "cpu_end": benchlib.cpu_now(),
+                               "lr": self.lr})
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs and self.steps and self.steps[-1]["step"] == state.global_step:
@@ -225,6 +228,7 @@ def run_hf(spec: dict, which: str) -> dict:
     optimizer, scheduler = optimizer_and_scheduler(model, spec)
     clock = step_clock()
     out_dir = Path(spec["workdir"]) / which
+    shutil.rmtree(out_dir, ignore_errors=True)
     batches: list[dict] = []
     config: dict = {"optimizer": "torch.optim.AdamW (passed in), weight_decay 0",
                     "schedule": "LambdaLR with vlmtune's warmup + cosine multiplier (passed in)",

@@ -61,11 +61,16 @@ def cached_processor():
 
 
 @pytest.fixture(scope="module")
-def dropout_model_dir(tmp_path_factory):
+def dropout_model_dir(tiny_model_dir, tmp_path_factory):
     """The tiny model with attention dropout, so that a wrong RNG state after resume changes the losses."""
-    from vlmtune.demo import build_tiny_qwen2_5_vl
-
-    return build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("models") / "tiny-dropout", attention_dropout=0.2)
+    out = tmp_path_factory.mktemp("tiny-dropout")
+    for f in Path(tiny_model_dir).iterdir():
+        if f.name != "config.json":
+            (out / f.name).symlink_to(f.resolve())
+    config = json.loads((Path(tiny_model_dir) / "config.json").read_text())
+    config["text_config"]["attention_dropout"] = 0.2
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -401,3 +406,26 @@ def test_stop_signals_set_a_flag_and_restore_handlers():
         with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C aborts at once
             signal.raise_signal(signal.SIGINT)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_resume_errors_are_user_errors_in_the_cli(tmp_path, capsys):
+    """A bad resume path fails before any model is loaded, as a one-line error with exit code 2."""
+    from vlmtune.cli import main
+
+    tree = recipe_tree(tmp_path / "no-model", tmp_path, tmp_path / "run", resume=str(tmp_path / "missing"))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+    assert main(["finetune", "-c", str(recipe)]) == 2
+    assert "no such checkpoint folder" in capsys.readouterr().err
+
+
+def test_recipe_changes_ignore_bookkeeping(tmp_path):
+    from vlmtune.checkpoint import recipe_changes
+    from vlmtune.config import recipe_to_yaml
+
+    tree = recipe_tree(tmp_path / "m", tmp_path, tmp_path / "run")
+    saved = recipe_to_yaml(build_recipe(tree))
+    later = {**tree, "resume": "auto", "checkpoint": {"every_steps": 5}, "output_dir": str(tmp_path / "moved")}
+    assert recipe_changes(saved, build_recipe(later)) == []
+    later["train"] = {**tree["train"], "lr": 1e-4}
+    assert recipe_changes(saved, build_recipe(later)) == ["train.lr: 0.002 -> 0.0001"]

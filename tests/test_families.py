@@ -15,7 +15,7 @@ from vlmtune.cli import main, trained_runs
 from vlmtune.collate import SampleEncoder, collate
 from vlmtune.config import FreezeConfig, ModelConfig
 from vlmtune.families import family_for, part_of
-from vlmtune.model import apply_freeze, apply_load_fixes, load_model
+from vlmtune.model import apply_freeze, apply_load_fixes, load_model, unused_parameters
 from vlmtune.train import loss_sum, save_final, to_device
 
 SPECS = all_specs()
@@ -146,11 +146,27 @@ def test_freeze_switch_by_name_and_gradient(name, frozen, loaded):
     batch = image_batch(processor, family, SPECS[name])
     model.zero_grad()
     loss_sum(model, batch).backward()
+    unused = set(unused_parameters(model, family))  # frozen at load
     for n, p in model.named_parameters():
         part = part_of(n, family)
-        assert p.requires_grad == (part != frozen), n
+        assert p.requires_grad == (part != frozen and n not in unused), n
         if part == frozen:
             assert p.grad is None, n
+        if p.requires_grad:  # what DDP requires
+            assert p.grad is not None, f"{n} is trainable but got no gradient"
     got_grad = {part_of(n, family) for n, p in model.named_parameters()
                 if p.grad is not None and p.grad.abs().sum() > 0}
     assert got_grad == {"vision_tower", "projector", "language_model"} - {frozen}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unused_parameters_are_exactly_those_without_gradient(name, loaded):
+    """Family.unused_params / feature_layers name exactly the parameters an image batch gives no gradient."""
+    model, processor, family = loaded
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.zero_grad()
+    loss_sum(model, image_batch(processor, family, SPECS[name])).backward()
+    # An all-zero gradient counts as none (Gemma 3n's audio embedder runs on every token, its result dropped).
+    no_grad = sorted(n for n, p in model.named_parameters() if p.grad is None or not p.grad.any())
+    assert no_grad == sorted(unused_parameters(model, family))

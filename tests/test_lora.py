@@ -132,6 +132,40 @@ def test_dora_run(tiny_model_dir, cord_dir, tmp_path):
     assert all(n.endswith(("q_proj", "v_proj")) for n in config["target_modules"])
 
 
+def test_lora_on_another_family_skips_layers_unused_by_design(tmp_path_factory, tmp_path):
+    """LLaVA reads image features from the penultimate vision layer: the last one gets no adapters, and a LoRA
+    run with every switch on passes the gradient check. No family branches: only the family table differs."""
+    from tiny import build
+
+    model_dir = build("llava", tmp_path_factory.mktemp("tiny"))
+    model, _, family = load_model(ModelConfig(name_or_path=str(model_dir)), CPU)
+    assert model.config.vision_feature_layer == -2
+    targets = set(lora_targets(model, family, PeftConfig(vision=True, projector=True), FreezeConfig()))
+    vision = linear_names(model, "model.vision_tower.")
+    last = "model.vision_tower.encoder.layers.1."
+    assert {n for n in vision if not n.startswith(last)} <= targets and not any(n.startswith(last) for n in targets)
+    assert linear_names(model, "model.multi_modal_projector.") <= targets
+    assert linear_names(model, "model.language_model.") <= targets
+
+    red_png(tmp_path / "a.png")
+    row = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+                        {"role": "assistant", "content": [{"type": "text", "text": "Red."}]}], "images": ["a.png"]}
+    (tmp_path / "d.jsonl").write_text((json.dumps(row) + "\n") * 2)
+    final = train_mod.finetune(build_recipe({
+        "output_dir": str(tmp_path / "run"), "model": {"name_or_path": str(model_dir)},
+        "data": {"train": {"source": str(tmp_path / "d.jsonl")}}, "peft": {"vision": True, "projector": True},
+        "train": {"max_steps": 1, "micro_batch_size": 2, "global_batch_size": 2, "lr": 1e-3, "max_length": 4096}}))
+    # peft may save a shorter, equivalent target list (name suffixes); loaded, it adapts exactly the same layers.
+    model.requires_grad_(False)
+    assert adapted(PeftModel.from_pretrained(model, str(final))) == targets
+
+
+def red_png(path: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), "red").save(path)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Targets
 

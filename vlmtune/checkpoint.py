@@ -18,6 +18,11 @@ Recipe keys
     gradients dropped) and marked ``"skipped_nonfinite": true`` in metrics.jsonl with the running count
     ``nonfinite_steps``; this many skipped steps in a row stop the run with an error.
 
+SIGTERM / SIGINT: the loop finishes the current optimizer step, saves a checkpoint (a validation due at that
+step is left to the resumed run), writes summary.json with ``stopped_by``, prints how to resume and returns
+normally (the CLI exits 0). A second Ctrl-C aborts at once, without saving. A fresh run (nothing resumed)
+starts metrics.jsonl empty.
+
 What a checkpoint folder holds
 ------------------------------
 ``trainable.safetensors``   every parameter with ``requires_grad``, by its ``named_parameters()`` name: the
@@ -38,7 +43,9 @@ On resume, ``metrics.jsonl`` loses the lines of steps after the checkpoint, so i
 Resuming reproduces the uninterrupted run bit for bit on CPU: the checkpoint is taken at an optimizer-step
 boundary, where the sampler position is exact; validation runs with the training RNG state saved and
 restored around it; and each DataLoader has its own generator, so starting one mid-epoch on resume does not
-shift the global (dropout) RNG stream.
+shift the global (dropout) RNG stream. Not saved: buffers (a model whose buffers change while training,
+e.g. BatchNorm statistics, would get them back from ``model.name_or_path``). In a multi-process run only
+rank 0 writes, and its RNG states (every rank is seeded alike) are restored on every rank.
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -215,13 +222,17 @@ def _flat(tree: object, prefix: str = "") -> dict[str, object]:
     return {prefix[:-1]: tree}
 
 
+# Recipe keys that may change between a run and its resumption without changing what is trained.
+_BOOKKEEPING = ("resume", "output_dir", "checkpoint.", "train.log_every_steps", "train.max_bad_steps",
+                "train.check_gradients", "data.num_workers")
+
+
 def recipe_changes(saved_yaml: str, recipe: Recipe) -> list[str]:
-    """``key: old -> new`` for every recipe value that differs from the checkpoint's (resume/output_dir aside)."""
+    """``key: old -> new`` for every recipe value that differs from the checkpoint's (bookkeeping keys aside)."""
     old = _flat(yaml.safe_load(saved_yaml) or {})
     new = _flat(recipe.model_dump(mode="json"))
-    skip = ("resume", "output_dir")
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
-            if k not in skip and old.get(k) != new.get(k)]
+            if not k.startswith(_BOOKKEEPING) and old.get(k) != new.get(k)]
 
 
 @dataclass
@@ -231,7 +242,6 @@ class Checkpoints:
     directory: Path
     keep: int = 2
     writer: bool = True  # only the writing rank touches the folder
-    saved: list[Path] = field(default_factory=list)
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -312,7 +322,6 @@ class Checkpoints:
         _fsync_path(self.directory)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        self.saved.append(final)
         self.prune()
         return final
 
@@ -341,9 +350,8 @@ class Checkpoints:
         if (path / RECIPE).is_file():
             changes = recipe_changes((path / RECIPE).read_text(), recipe)
             if changes:
-                print("vlmtune: note: the recipe differs from the one that wrote the checkpoint (continuing with "
-                      "the new values; the run will not match an uninterrupted one):\n    " + "\n    ".join(changes),
-                      flush=True)
+                print("vlmtune: note: the recipe differs from the one that wrote the checkpoint; continuing with "
+                      "the new values:\n    " + "\n    ".join(changes), flush=True)
         load_trainable(path / TRAINABLE, model)
         opt = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
         try:
@@ -432,6 +440,6 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        for sig, handler in self._previous.items():  # None: a handler not set from Python; default is closest
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()

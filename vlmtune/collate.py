@@ -164,7 +164,8 @@ class SampleEncoder:
             # Self-check: what we train on must decode to the answer and the end-of-turn marker, nothing else.
             got = tok.decode(ids[b:e])
             want = answer + self.family.assistant_end
-            if got.strip() != want.strip():
+            # Templates that trim message text (Gemma, Llama 4) drop the whitespace around an answer.
+            if got.strip() not in (want.strip(), (answer.strip() + self.family.assistant_end).strip()):
                 raise SampleError("label_mismatch",
                                   f"sample {index}: trained span decodes to {got!r}, expected {want!r}")
         return labels
@@ -200,5 +201,18 @@ def collate(items: Sequence[Encoded | Skipped], pad_id: int) -> dict:
             rows = [torch.nn.functional.pad(e.tensors[key], (0, width - e.length), value=fill) for e in kept]
             batch[key] = torch.stack(rows)
         else:
-            batch[key] = torch.cat([e.tensors[key] for e in kept if key in e.tensors])
+            batch[key] = torch.cat(_zero_pad_trailing([e.tensors[key] for e in kept if key in e.tensors]))
     return batch
+
+
+def _zero_pad_trailing(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Zero-pad all dimensions but the first to the largest among `tensors`, as a processor pads its own batch:
+    Idefics3 / SmolVLM return (1, images, C, H, W) per sample and skip the all-zero padding images."""
+    shape = tuple(max(sizes) for sizes in zip(*(t.shape[1:] for t in tensors), strict=True))
+    padded = []
+    for t in tensors:
+        if t.shape[1:] != shape:
+            t, small = t.new_zeros((t.shape[0], *shape)), t
+            t[tuple(slice(0, n) for n in small.shape)] = small
+        padded.append(t)
+    return padded

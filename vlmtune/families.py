@@ -19,6 +19,8 @@ LLAVA_PARTS = {
     "projector": ("model.multi_modal_projector",),
     "language_model": ("model.language_model", "lm_head"),
 }
+# LLaVA-NeXT / OneVision: the learned row separator ends each row of projected image features.
+LLAVA_NEXT_PARTS = {**LLAVA_PARTS, "projector": ("model.multi_modal_projector", "model.image_newline")}
 IDEFICS_PARTS = {
     "vision_tower": ("model.vision_model",),
     "projector": ("model.connector",),
@@ -26,6 +28,9 @@ IDEFICS_PARTS = {
 }
 
 CHATML = {"assistant_start": "<|im_start|>assistant\n", "assistant_end": "<|im_end|>"}
+# LLaVA-style CLIP towers: the projector reads hidden_states[vision_feature_layer], never the final norm.
+CLIP_FEATURES = {"unused_params": ("model.vision_tower.post_layernorm",),
+                 "feature_layers": "model.vision_tower.encoder.layers"}
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,14 @@ class Family:
     cast_to_model_dtype: tuple[str, ...] = ("pixel_values", "pixel_values_videos")
     # Workarounds for upstream bugs, applied to the loaded model: names of functions in vlmtune.model.LOAD_FIXES.
     load_fixes: tuple[str, ...] = ()
+    # Parameters the forward never uses, by design (name prefixes), e.g. the final norm of a vision tower whose
+    # features are read from a hidden state. model.py freezes them at load: never trained, not counted as
+    # trainable, and never "a trainable parameter without a gradient" (which DDP and optimizer-state checkpoints
+    # reject). tests/test_families.py checks that exactly these get no gradient.
+    unused_params: tuple[str, ...] = ()
+    # The vision encoder's layer list, where the projector reads the hidden state `config.vision_feature_layer`
+    # (LLaVA: the penultimate layer): the layers after that one are unused by design too.
+    feature_layers: str = ""
     notes: str = ""
     model_types: tuple[str, ...] = field(default=())
 
@@ -53,20 +66,40 @@ FAMILIES: tuple[Family, ...] = (
            notes="template injects a default system prompt when none is given"),
     Family("qwen2_5_vl", QWEN_PARTS, **CHATML, model_types=("qwen2_5_vl",),
            notes="template injects a default system prompt when none is given"),
-    Family("qwen3_vl", QWEN_PARTS, **CHATML, model_types=("qwen3_vl", "qwen3_vl_moe")),
+    Family("qwen3_vl", QWEN_PARTS, **CHATML, answer_prefixes=("<think>\n\n</think>\n\n",),
+           model_types=("qwen3_vl", "qwen3_vl_moe"),
+           notes="Instruct templates add nothing; Thinking templates add an empty think block to the last turn"),
     Family("qwen3_5", QWEN_PARTS, **CHATML, answer_prefixes=("<think>\n\n</think>\n\n",),
            model_types=("qwen3_5", "qwen3_5_moe"),
            notes="template adds an empty think block to the last assistant turn only"),
     Family("internvl", LLAVA_PARTS, **CHATML, model_types=("internvl",)),
-    Family("llava_onevision", LLAVA_PARTS, **CHATML, model_types=("llava_onevision",)),
+    # llava-hf's OneVision template writes "<|im_start|>assistant \n" + answer + "<|im_end|>" (a space, and no newline
+    # after <|im_end|>); transformers' conversion script writes the plain ChatML "assistant\n". Both match.
+    Family("llava_onevision", LLAVA_NEXT_PARTS, "<|im_start|>assistant", "<|im_end|>", answer_prefixes=(" \n", "\n"),
+           model_types=("llava_onevision",),
+           unused_params=("model.vision_tower.post_layernorm", "model.vision_tower.head"),
+           feature_layers="model.vision_tower.encoder.layers"),
+    # Gemma 3 / 3n: sdpa, not eager: no attention soft-capping (Gemma 2 had it), and the tiny models give the same
+    # logits and gradients under both, bidirectional image blocks, sliding window and padding included.
     Family("gemma3", LLAVA_PARTS, "<start_of_turn>model\n", "<end_of_turn>", model_types=("gemma3",),
-           attn_implementation="eager", notes="system text is merged into the first user turn"),
-    Family("gemma3n", {**LLAVA_PARTS, "projector": ("model.embed_vision",)}, "<start_of_turn>model\n",
-           "<end_of_turn>", model_types=("gemma3n",), attn_implementation="eager"),
+           notes="system text is merged into the first user turn; the template trims message text"),
+    # Gemma 3n also hears: vlmtune feeds it no audio, so its audio tower and audio embedder are a part of their own,
+    # which no freeze switch controls, and unused (frozen at load). embed_audio embeds every token and drops the
+    # result for non-audio ones: an all-zero gradient, which weight decay would still act on.
+    Family("gemma3n", {**LLAVA_PARTS, "projector": ("model.embed_vision",),
+                       "audio_tower": ("model.audio_tower", "model.embed_audio")},
+           "<start_of_turn>model\n", "<end_of_turn>", model_types=("gemma3n",),
+           unused_params=("model.audio_tower", "model.embed_audio"),
+           notes="system text is merged into the first user turn; the vision tower is a timm MobileNetV5"),
     Family("smolvlm", IDEFICS_PARTS, "\nAssistant:", "<end_of_utterance>", model_types=("smolvlm", "idefics3"),
            notes="the answer text starts with a space"),
-    Family("llava", LLAVA_PARTS, "ASSISTANT:", "</s>", append_eos=True, model_types=("llava",)),
-    Family("llava_next", LLAVA_PARTS, "[/INST]", "</s>", model_types=("llava_next", "llava_next_video")),
+    # "ASSISTANT:", not " ASSISTANT:": alone, the SentencePiece tokenizer gives the space a token of its own ("▁"),
+    # but after a question it joins the word ("▁A"), so the spaced marker would never match in context.
+    Family("llava", LLAVA_PARTS, "ASSISTANT:", "</s>", append_eos=True, model_types=("llava",),
+           **CLIP_FEATURES, notes="the template ends an answer with a space, no EOS"),
+    Family("llava_next", LLAVA_NEXT_PARTS, "[/INST]", "</s>", model_types=("llava_next", "llava_next_video"),
+           **CLIP_FEATURES, notes="markers of the Mistral-based checkpoints (llava-v1.6-mistral, "
+                                  "NeXT-Video-7B-32K); the Vicuna, Yi and Llama 3 ones use other templates"),
     # The pixel-shuffle MLP inside the vision model (vision_adapter) maps patches into the projector, like Qwen's
     # merger: it belongs to the projector, so freezing the vision tower trains adapter + projector.
     Family("llama4", {"vision_tower": ("vision_model",),

@@ -87,8 +87,24 @@ def load_model(cfg: ModelConfig, device: torch.device, quantization_config=None,
     if not quantized:  # quantized weights are placed by device_map and cannot be moved
         model.to(device)
     apply_load_fixes(model, family)
+    for name in unused_parameters(model, family):
+        model.get_parameter(name).requires_grad_(False)
     model.train()
     return model, processor, family
+
+
+def unused_parameters(model: torch.nn.Module, family: Family) -> list[str]:
+    """Names of the parameters the forward never uses, by design (``Family.unused_params``, and the vision layers
+    after ``config.vision_feature_layer`` under ``Family.feature_layers``)."""
+    prefixes = list(family.unused_params)
+    chosen = getattr(model.config, "vision_feature_layer", None)
+    if family.feature_layers and chosen is not None:
+        n = len(model.get_submodule(family.feature_layers))
+        # hidden_states[k] is the output of the first k layers (hidden_states[0]: the embeddings).
+        k = max(i if i >= 0 else n + 1 + i for i in ([chosen] if isinstance(chosen, int) else chosen))
+        prefixes += [f"{family.feature_layers}.{i}" for i in range(k, n)]
+    return [name for name, _ in model.named_parameters()
+            if any(name == p or name.startswith(p + ".") for p in prefixes)]
 
 
 def _llama4_language_model_image_outputs(model: torch.nn.Module) -> None:

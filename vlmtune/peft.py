@@ -102,10 +102,18 @@ def _examples(names: Sequence[str], n: int = 4) -> str:
 
 
 def lora_targets(model: torch.nn.Module, family: Family, pcfg: PeftConfig, freeze) -> list[str]:
-    """The full names of the modules that get adapters, in model order."""
+    """The full names of the modules that get adapters, in model order.
+
+    Layers the forward never uses by design (the family table's unused parameters, e.g. LLaVA's vision layers
+    after ``vision_feature_layer``) get none: their adapters would never train.
+    """
+    from vlmtune.model import unused_parameters
+
     parts = adapted_parts(pcfg, freeze)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    layers = [(name, part_of(name, family), m) for name, m in model.named_modules() if _supported_layer(m)]
+    unused = set(unused_parameters(model, family))
+    layers = [(name, part_of(name, family), m) for name, m in model.named_modules() if _supported_layer(m)
+              and not all(f"{name}.{p}" in unused for p, _ in m.named_parameters())]
     linear = [(n, part) for n, part, m in layers if isinstance(m, torch.nn.Linear) and m is not head]
     patterns = pcfg.target_modules or ["all-linear"]
     chosen: set[str] = set()

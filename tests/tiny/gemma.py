@@ -7,10 +7,14 @@ markers, newline/space/tab runs, HTML tags, image and audio tokens) in the real 
 pieces learned from a small corpus. Token ids are therefore compact, not the real ones: every id in the
 config is looked up in the tiny tokenizer.
 
-Gemma 3n's vision tower is a timm MobileNetV5 (``mobilenetv5_300m_enc``, 294M parameters as configured). Its
-builder takes ``block_args`` and ``msfa_output_resolution`` from ``vision_config.model_args``, so the tiny
-model keeps the real architecture name and the real block kinds (edge residual, universal inverted residual,
-multi-query attention, the multi-scale fusion adapter) with one or two narrow blocks per stage.
+Gemma 3n's vision tower is a timm MobileNetV5 (``mobilenetv5_300m_enc``, 294M parameters whatever the config's
+sizes say). ``vision_config.model_args`` (passed to ``timm.create_model``) cuts its widths to 8 channels, so the tiny
+model keeps the real architecture, at its real depth. Its audio tower is shrunk like the rest; vlmtune never feeds it
+(see the gemma3n row in vlmtune/families.py).
+
+transformers initialises a few matrices to zero that a trained checkpoint has non-zero (Gemma 3's image projection,
+Gemma 3n's AltUp output scales); with them zero, whole parts get an all-zero gradient in the first step, which the
+training loop's gradient check rejects. The builders give them small random values, as a checkpoint would have.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ IMAGE_PX = 64  # tiny image size (the real processors use 896 and 768)
 def _deep_update(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in over.items():
-        out[key] = _deep_update(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _deep_update(out[key], value) if nested else value
     return out
 
 
@@ -97,8 +102,8 @@ def _generation_config(asset_dir: Path, tok):
     by_real_id = {0: tok.pad_token_id, 1: tok.convert_tokens_to_ids("<eos>"), 2: tok.bos_token_id,
                   106: tok.convert_tokens_to_ids("<end_of_turn>")}
     keep = {k: v for k, v in real.items() if k in ("cache_implementation", "do_sample", "top_k", "top_p")}
-    return GenerationConfig(bos_token_id=by_real_id[real["bos_token_id"]], pad_token_id=by_real_id[real["pad_token_id"]],
-                            eos_token_id=[by_real_id[i] for i in eos], **keep)
+    return GenerationConfig(bos_token_id=by_real_id[real["bos_token_id"]], eos_token_id=[by_real_id[i] for i in eos],
+                            pad_token_id=by_real_id[real["pad_token_id"]], **keep)
 
 
 # --- Gemma 3 ------------------------------------------------------------------------------------------------
@@ -139,46 +144,40 @@ def build_gemma3(out: Path, seed: int = 0) -> Path:
     chat_template = json.loads((GEMMA3 / "chat_template.json").read_text())["chat_template"]
     processor = Gemma3Processor(image_processor, tok, chat_template=chat_template,
                                 image_seq_length=GEMMA3_TOKENS_PER_IMAGE)
+    assert processor.image_seq_length == model.config.mm_tokens_per_image  # else the image features do not fit
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
 
 
-
-
 # --- Gemma 3n -----------------------------------------------------------------------------------------------
 
 GEMMA3N = ASSETS / "gemma3n"
-# timm's mobilenetv5_300m_enc, stage by stage, with each stage's block kinds kept once or twice at small widths.
-# Real: stage 0 = 3 edge-residual blocks (128 ch); 1 = 5 universal inverted residuals (256); 2 = 8 UIR + 14 pairs of
-# multi-query attention (kv stride 2) and UIR (640); 3 = 1 UIR + 19 pairs of MQA and UIR (1280).
-MOBILENETV5_TINY = [
-    ["er_r1_k3_s2_e4_c16"],
-    ["uir_r1_a3_k5_s2_e4_c24"],
-    ["uir_r1_a5_k5_s2_e4_c32", "mqa_r1_k3_h2_v2_s1_d8_c32", "uir_r1_a0_k0_s1_e2_c32"],
-    ["uir_r1_a5_k5_s2_e4_c48", "mqa_r1_k3_h2_s1_d8_c48", "uir_r1_a0_k0_s1_e2_c48"],
-]
-# 64 px -> stage 2 ends at 4 x 4, pooled 2 x 2 by the fusion adapter (real: 768 px -> 48 x 48 pooled to 16 x 16)
+# timm's mobilenetv5_300m_enc at its real depth (84 blocks: edge residuals, universal inverted residuals, multi-query
+# attention, the multi-scale fusion adapter) with every width cut to 1/160: 8 channels (timm's floor) everywhere.
+# 64 px -> stage 2 ends at 4 x 4, which the fusion adapter pools 2 x 2 (real: 768 px -> 48 x 48 pooled to 16 x 16).
+# Depth could only shrink through model_args["block_args"], which cannot work in transformers 5.24.0: TimmWrapperModel
+# passes config.model_args to timm.create_model by reference and timm's EfficientNetBuilder edits the nested block
+# dicts in place (pops "block_type", adds classes), so the loaded model's config can no longer be saved.
 GEMMA3N_TOKENS_SIDE = 2
-
-
-def tiny_mobilenetv5_args() -> dict:
-    """``vision_config.model_args`` (passed to ``timm.create_model``) that shrink mobilenetv5_300m_enc."""
-    from timm.models._efficientnet_builder import decode_arch_def
-
-    return {"block_args": decode_arch_def(MOBILENETV5_TINY), "stem_size": 16,
-            "msfa_output_resolution": GEMMA3N_TOKENS_SIDE}
+MOBILENETV5_TINY_ARGS = {"channel_multiplier": 1 / 160, "stem_size": 8, "msfa_output_resolution": GEMMA3N_TOKENS_SIDE}
 
 
 def build_gemma3n(out: Path, seed: int = 0) -> Path:
-    from transformers import (AutoImageProcessor, Gemma3nAudioFeatureExtractor, Gemma3nConfig,
-                              Gemma3nForConditionalGeneration, Gemma3nProcessor)
+    from transformers import (
+        AutoImageProcessor,
+        Gemma3nAudioFeatureExtractor,
+        Gemma3nConfig,
+        Gemma3nForConditionalGeneration,
+        Gemma3nProcessor,
+    )
 
     out = Path(out)
     tok = gemma_tokenizer(GEMMA3N)
     real = json.loads((GEMMA3N / "config.json").read_text())
-    names = {"boi_token_id": "<start_of_image>", "eoi_token_id": "<end_of_image>", "image_token_id": "<image_soft_token>",
-             "boa_token_id": "<start_of_audio>", "eoa_token_id": "<end_of_audio>", "audio_token_id": "<audio_soft_token>",
+    names = {"boi_token_id": "<start_of_image>", "eoi_token_id": "<end_of_image>",
+             "image_token_id": "<image_soft_token>", "boa_token_id": "<start_of_audio>",
+             "eoa_token_id": "<end_of_audio>", "audio_token_id": "<audio_soft_token>",
              "bos_token_id": "<bos>", "eos_token_id": "<end_of_turn>", "pad_token_id": "<pad>"}
     ids = dict(zip(names, _ids(tok, *names.values()), strict=True))
     # The real layout: text ids, then a vision block starting at <end_of_image> (vision_config.vocab_offset), then an
@@ -196,7 +195,7 @@ def build_gemma3n(out: Path, seed: int = 0) -> Path:
                         "laurel_rank": 8, "sliding_window": 32, "vocab_size": vocab,
                         "vocab_size_per_layer_input": vision_offset},
         # the fusion adapter's width is fixed at 2048 in timm (MobileNetV5Encoder.num_features), so hidden_size stays
-        "vision_config": {"model_args": tiny_mobilenetv5_args(), "vocab_offset": vision_offset,
+        "vision_config": {"model_args": MOBILENETV5_TINY_ARGS, "vocab_offset": vision_offset,
                           "vocab_size": audio_offset - vision_offset},
         "audio_config": {"hidden_size": 32, "conf_num_attention_heads": 2, "conf_num_hidden_layers": 1,
                          "sscp_conv_channel_size": [8, 8], "vocab_offset": audio_offset,
@@ -207,8 +206,12 @@ def build_gemma3n(out: Path, seed: int = 0) -> Path:
     for sub in ("text_config", "vision_config", "audio_config"):
         cfg[sub].pop("torch_dtype", None)
     torch.manual_seed(seed)
-    model = Gemma3nForConditionalGeneration(Gemma3nConfig(**copy.deepcopy(cfg)))
-    model.config.vision_config.model_args = cfg["vision_config"]["model_args"]  # PROBE
+    model = Gemma3nForConditionalGeneration(Gemma3nConfig(**cfg))
+    # transformers initialises each layer's AltUp output scale to zeros (trained checkpoints have it non-zero): with it
+    # zero, the per-layer-input path of every layer gets an all-zero gradient in the first step.
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.altup.correct_output_scale.normal_(std=cfg["initializer_range"])
     model.generation_config = _generation_config(GEMMA3N, tok)
 
     image_processor = AutoImageProcessor.from_pretrained(GEMMA3N, size={"height": IMAGE_PX, "width": IMAGE_PX})

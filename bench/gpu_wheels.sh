@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Download into .whl/ (ignored by git) the wheels that bench/gpu.sh installs on a GPU machine without network:
+# the versions of this checkout's .venv, built for that machine's Python (default 3.12, x86-64 Linux).
+# The lent machines' image has torch, torchvision, accelerate, tokenizers, huggingface_hub, safetensors, pyarrow,
+# pandas and xxhash, but an older transformers and no datasets or pydantic.
+#
+#   bash bench/gpu_wheels.sh                 # then carry .whl with the run (device tool: carry [".whl"])
+#   PY_VERSION=3.11 EXTRA="pyarrow" bash bench/gpu_wheels.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+PY_VERSION=${PY_VERSION:-3.12}
+PACKAGES="transformers datasets peft pydantic pydantic_core annotated_types typing_inspection typing_extensions dill \
+multiprocess regex ${EXTRA:-}"
+PINS=$("$PY" - $PACKAGES <<'EOF'
+import importlib.metadata as md, sys
+print(" ".join(f"{name}=={md.version(name)}" for name in sys.argv[1:]))
+EOF
+)
+echo "[gpu_wheels] $PINS"
+mkdir -p .whl
+"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl $PINS
+ls -la .whl
+echo "[gpu_wheels] $(du -sh .whl | cut -f1) in .whl (the device tool carries at most 64 MiB with the working tree)"
