@@ -332,6 +332,7 @@ def test_nonfinite_steps_are_skipped_counted_and_abort(tmp_path, monkeypatch, dr
     # A skipped step moves neither the optimizer nor the LR schedule: step 3 runs at step 2's learning rate.
     assert steps[2]["lr"] == steps[1]["lr"] != steps[0]["lr"]
     assert all(r["loss"] == r["loss"] for r in steps if not r.get("skipped_nonfinite"))  # finite ones stay
+    assert all(r["loss"] is None for r in steps if r.get("skipped_nonfinite"))  # strict JSON: NaN -> null
 
 
 def test_keep_retention_and_partial_cleanup(tmp_path):

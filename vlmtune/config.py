@@ -154,6 +154,18 @@ class CheckpointConfig(_Strict):
     keep: int = Field(default=2, ge=1)  # the newest K complete checkpoints stay
 
 
+class DistributedConfig(_Strict):
+    """Several processes under torchrun (vlmtune/parallel.py, docs/distributed.md); unused in one process."""
+
+    strategy: Literal["fsdp2", "ddp", "none"] | None = None  # None: fsdp2 when the world size > 1
+    dp_replicate: int = Field(default=1, ge=1)  # HSDP: replica groups; parameters sharded within each group
+    dp_shard: int | None = Field(default=None, ge=1)  # None: world size / dp_replicate
+    cpu_offload: bool = False  # FSDP2: parameters, gradients and optimizer state in CPU memory
+    activation_checkpointing: Literal["none", "language", "vision", "all"] = "none"
+    find_unused_parameters: bool = False  # DDP: set when a trainable parameter may get no gradient in a step
+    timeout_s: float = Field(default=600.0, gt=0)  # a rank that fails or hangs ends the others after this long
+
+
 class Recipe(_Strict):
     output_dir: str = "runs/demo"
     model: ModelConfig
@@ -163,6 +175,7 @@ class Recipe(_Strict):
     peft: PeftConfig | None = None  # null: full fine-tune
     optim: OptimConfig = Field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     # null: start fresh; "auto": the newest complete checkpoint in output_dir/checkpoints (fresh if none);
     # a path: that checkpoint folder.
     resume: str | None = None

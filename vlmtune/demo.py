@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 ASSETS = Path(__file__).parent / "assets" / "qwen2-vl"
-# 224 x 224 images -> 16 x 16 patches of 14 px -> 64 tokens after the 2 x 2 merge.
-DEMO_PIXELS = {"shortest_edge": 56 * 56, "longest_edge": 224 * 224}
+# At most 224 x 224 pixels -> 16 x 16 patches of 14 px -> 64 tokens after the 2 x 2 merge. (The Qwen processor
+# files carry min_pixels / max_pixels, which win over a `size=` override in transformers 5.24.)
+DEMO_PIXELS = {"min_pixels": 56 * 56, "max_pixels": 224 * 224}
 
 
 def tiny_qwen2_5_vl_config(**text_overrides):
@@ -44,7 +45,7 @@ def build_tiny_qwen2_5_vl(out: Path, seed: int = 0, **text_overrides) -> Path:
     model = Qwen2_5_VLForConditionalGeneration(tiny_qwen2_5_vl_config(**text_overrides))
     model.generation_config = GenerationConfig(bos_token_id=151643, eos_token_id=[151645, 151643],
                                                pad_token_id=151643, max_new_tokens=64)
-    processor = AutoProcessor.from_pretrained(ASSETS, size=DEMO_PIXELS)
+    processor = AutoProcessor.from_pretrained(ASSETS, **DEMO_PIXELS)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -25,8 +26,10 @@ class Metrics:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
+        # Strict JSON: a NaN/inf value (a skipped step, see checkpoint.py) is written as null.
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(clean, allow_nan=False) + "\n")
 
     def step(self, record: dict, print_line: bool) -> None:
         self.write(record)

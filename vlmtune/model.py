@@ -98,13 +98,22 @@ def unused_parameters(model: torch.nn.Module, family: Family) -> list[str]:
     after ``config.vision_feature_layer`` under ``Family.feature_layers``)."""
     prefixes = list(family.unused_params)
     chosen = getattr(model.config, "vision_feature_layer", None)
-    if family.feature_layers and chosen is not None:
+    # A checkpoint of the family with another vision tower may lack that module: then nothing is known unused.
+    if family.feature_layers and chosen is not None and _has_submodule(model, family.feature_layers):
         n = len(model.get_submodule(family.feature_layers))
         # hidden_states[k] is the output of the first k layers (hidden_states[0]: the embeddings).
         k = max(i if i >= 0 else n + 1 + i for i in ([chosen] if isinstance(chosen, int) else chosen))
         prefixes += [f"{family.feature_layers}.{i}" for i in range(k, n)]
     return [name for name, _ in model.named_parameters()
             if any(name == p or name.startswith(p + ".") for p in prefixes)]
+
+
+def _has_submodule(model: torch.nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _llama4_language_model_image_outputs(model: torch.nn.Module) -> None:

@@ -38,6 +38,15 @@ from vlmtune.data.dataset import EpochSampler, SFTDataset
 from vlmtune.data.formats import DataError
 from vlmtune.metrics import Metrics
 from vlmtune.model import apply_freeze, autocast_dtype, load_model, pick_device
+from vlmtune.parallel import (
+    clip_grad_norm,
+    grad_scale,
+    parallelize,
+    process_group,
+    resolve_strategy,
+    save_final_sharded,
+    sync_context,
+)
 from vlmtune.peft import GradientCheck, apply_lora, param_groups, quantization_config
 
 NON_MODEL_KEYS = ("labels", "skipped", "indices")
@@ -151,7 +160,8 @@ def save_final(model, processor, out: Path) -> Path:
 
 def finetune(recipe: Recipe) -> Path:
     """Train; returns the final model folder, or the checkpoint folder when SIGTERM / SIGINT stopped the run."""
-    with StopSignals() as stop:  # handlers only while training; the previous ones come back after
+    # Under torchrun (WORLD_SIZE > 1) the process group lives as long as the run; see vlmtune/parallel.py.
+    with process_group(recipe.distributed.timeout_s, recipe.train.device), StopSignals() as stop:
         return _finetune(recipe, stop)
 
 
@@ -175,6 +185,10 @@ def _finetune(recipe: Recipe, stop: StopSignals) -> Path:
     amp_dtype = autocast_dtype(device, weights_dtype)
     amp = (partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if amp_dtype
            else contextlib.nullcontext)
+    # Several ranks: FSDP2 shards `model` in place, DDP wraps it (forward through `forward_model`, all else `model`).
+    strategy = resolve_strategy(cfg.distributed, world_size)
+    forward_model = parallelize(model, family, cfg.distributed, strategy, device)
+    loss_factor = grad_scale(strategy, world_size)  # DDP / FSDP2 average gradients over ranks; we need the sum
 
     # Data: rows -> conversations -> encoded samples, in loader workers.
     encoder = SampleEncoder(processor, family, tcfg.max_length, tcfg.overlong)
@@ -203,7 +217,8 @@ def _finetune(recipe: Recipe, stop: StopSignals) -> Path:
     params = [p for p in model.parameters() if p.requires_grad]
     # One group per (part, decay / no decay): lr x optim.lr_multipliers[part]; norms and biases get no decay.
     optimizer = torch.optim.AdamW(param_groups(model, family, tcfg.lr, tcfg.weight_decay, cfg.optim.lr_multipliers),
-                                  lr=tcfg.lr, betas=tcfg.betas, fused=device.type == "cuda")
+                                  lr=tcfg.lr, betas=tcfg.betas,
+                                  fused=device.type == "cuda" and not cfg.distributed.cpu_offload)
     grad_check = GradientCheck(model, family, enabled=tcfg.check_gradients)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_lambda, warmup=tcfg.warmup_steps, total=total_steps, schedule=tcfg.schedule,
@@ -247,17 +262,18 @@ def _finetune(recipe: Recipe, stop: StopSignals) -> Path:
         check_bad_fraction(metrics, cfg.data.max_bad_fraction, len(train_ds))
 
         step_loss = 0.0
-        for b in step_batches:
+        for i, b in enumerate(step_batches):
             b = to_device(b, device, weights_dtype, cast_keys)
-            with amp():
-                loss = loss_sum(model, b) / max(global_sup, 1)
-            loss.backward()
+            with sync_context(forward_model, last=i == len(step_batches) - 1):
+                with amp():
+                    loss = loss_sum(forward_model, b) / max(global_sup, 1)
+                (loss * loss_factor).backward()
             step_loss += float(loss.detach())
         step_loss = all_reduce_sum(step_loss, device)
         grad_check(model, step_batches)  # first step (vision parts: first step with images); then a no-op
 
         max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = clip_grad_norm(params, max_norm)
         lr = scheduler.get_last_lr()[0] / optimizer.param_groups[0]["lr_multiplier"]  # train.lr, scheduled
         finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
         if finite:  # a NaN/inf step is skipped: no optimizer or scheduler step, its gradients dropped
@@ -305,8 +321,11 @@ def _finetune(recipe: Recipe, stop: StopSignals) -> Path:
                   flush=True)
         return saved
     final = out_dir / "final"
-    if rank == 0:
+    if strategy == "fsdp2":  # every rank takes part in gathering the sharded weights
+        save_final_sharded(model, processor, final)
+    elif rank == 0:
         save_final(model, processor, final)
+    if rank == 0:
         summary = {"steps": total_steps, "final_loss": last_loss, "final_val_loss": last_val,
                    "samples_seen": metrics.seen, "skipped": dict(metrics.skipped),
                    "nonfinite_steps": run.nonfinite_steps, "final_model": str(final)}
