@@ -16,8 +16,9 @@ from typing import Any
 IGNORE = -100
 ASSISTANT_START = "<|im_start|>assistant\n"  # the Qwen chat template's assistant marker
 ASSISTANT_END = "<|im_end|>"
-# The processor of the tiny bench model: 224 x 224 receipts -> 16 x 16 patches -> 64 image tokens (as the demo).
-BENCH_PIXELS = {"shortest_edge": 56 * 56, "longest_edge": 224 * 224}
+# The processor of the tiny bench model: at most 224 x 224 pixels -> 16 x 16 patches -> 64 image tokens (as the
+# demo; min_pixels / max_pixels, since the Qwen processor files carry those and they win over `size=`).
+BENCH_PIXELS = {"min_pixels": 56 * 56, "max_pixels": 224 * 224}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -91,7 +92,7 @@ def build_model(out: Path, config, seed: int = 0, pixels: dict | None = None) ->
     model = Qwen2_5_VLForConditionalGeneration(config)
     model.generation_config = GenerationConfig(bos_token_id=151643, eos_token_id=[151645, 151643],
                                                pad_token_id=151643, max_new_tokens=64)
-    processor = AutoProcessor.from_pretrained(ASSETS, size=pixels or BENCH_PIXELS)
+    processor = AutoProcessor.from_pretrained(ASSETS, **(pixels or BENCH_PIXELS))
     model.save_pretrained(out)
     processor.save_pretrained(out)
     info = parameter_counts(model)

@@ -174,8 +174,8 @@ def summarize(which: str, result: dict, spec: dict) -> dict:
     n = len(steps)
     tokens = per_step_tokens(result.get("batches", []), accum, n)
     notes = []
-    if tokens is None:  # the collate hook did not fire (vlmtune changed): fall back on its own counts
-        notes.append("token counts from vlmtune's metrics.jsonl (collate hook missing); padding unknown")
+    if tokens is None:  # the to_device hook did not fire (vlmtune changed): fall back on its own counts
+        notes.append("token counts from vlmtune's metrics.jsonl (to_device hook missing); padding unknown")
         tokens = [{"tokens": s["tokens_reported"], "padded": None, "supervised": s["supervised_reported"],
                    "samples": spec["global_batch"]} for s in steps]
     if all("t_end" in s for s in steps):
@@ -234,8 +234,11 @@ def checks(runs: dict) -> dict:
     out["same_tokens_and_padding"] = all(
         [(s["tokens"], s["padded"]) for s in ok[k]["per_step"]] == [(s["tokens"], s["padded"]) for s in ref]
         for k in names)
-    out["supervised_tokens_minus_samples_per_step"] = {
-        k: sorted({s["supervised"] - s["samples"] for s in ok[k]["per_step"]})[:3] for k in names}
+    # extra supervised tokens per sample compared with the first run, at each step (TRL: its '\n' after <|im_end|>)
+    out["extra_supervised_tokens_per_sample"] = {
+        k: sorted({(s["supervised"] - r["supervised"]) / s["samples"] for s, r in zip(ok[k]["per_step"], ref,
+                                                                                   strict=False)})
+        for k in names}
     lrs = {k: [s["lr"] for s in ok[k]["per_step"]] for k in names}
     out["max_lr_difference"] = max(abs(a - b) for k in names for a, b in zip(lrs[k], lrs[names[0]], strict=False)
                                    if a is not None and b is not None)

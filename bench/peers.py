@@ -63,15 +63,22 @@ def run_vlmtune(spec: dict, packing: bool = False) -> dict:
     import vlmtune.metrics
     import vlmtune.train
 
-    # Hook 1: count every collated micro-batch (train.py binds `collate` when it builds the DataLoader, after
-    # this). Hook 2: a timestamp when the loop hands a finished optimizer step to Metrics.step.
+    # Hook 1: count every micro-batch as the loop moves it to the device (train.py looks `to_device` up at each
+    # call; it runs in this process whatever data.num_workers is). Hook 2: a timestamp when the loop hands a
+    # finished optimizer step to Metrics.step. Both only observe.
     batches: list[dict] = []
     step_ends: list[tuple[float, float]] = []
     hooks = []
-    if hasattr(vlmtune.train, "collate"):
-        original_collate = vlmtune.train.collate
-        vlmtune.train.collate = benchlib.CountingCollator(original_collate, batches)
-        hooks.append("collate")
+    if hasattr(vlmtune.train, "to_device"):
+        original_to_device = vlmtune.train.to_device
+
+        def to_device(batch, *args, **kwargs):
+            if "attention_mask" in batch and "labels" in batch:
+                batches.append(benchlib.batch_stats(batch))
+            return original_to_device(batch, *args, **kwargs)
+
+        vlmtune.train.to_device = to_device
+        hooks.append("to_device")
     original_step = vlmtune.metrics.Metrics.step
 
     def timed_step(self, *args, **kwargs):

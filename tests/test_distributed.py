@@ -103,55 +103,56 @@ def one_rank(tiny_model_dir, color_data, tmp_path_factory):
     return get
 
 
-FULL = {"freeze": {"language_model": True}}  # vision tower + projector train in full
-LM_FULL = {"freeze": {"vision_tower": True}}  # language model (152k-row embedding) + projector
+FULL = {}  # everything trains, the language model's 152k-row embedding included
+FROZEN_LM = {"freeze": {"language_model": True}}  # vision tower + projector train (fast steps)
 ADAPTER = {"peft": LORA}
 
 
 @pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
 @pytest.mark.parametrize("setting", ["full", "lora"])
 def test_two_ranks_match_one_rank(strategy, setting, one_rank, tiny_model_dir, color_data, tmp_path):
+    """Same losses and gradient norms step by step; under FSDP2 the final folder (gathered layer by layer, or the
+    adapter gathered from every rank's shards) equals the 1-rank one."""
     kw = FULL if setting == "full" else ADAPTER
     ref = one_rank(setting, **kw)
     out = run_2(tree(tiny_model_dir, color_data, tmp_path / "out", distributed={"strategy": strategy}, **kw),
                 tmp_path, "r")
     assert_same_losses(ref, out)
     assert (out / "final").is_dir()
+    if strategy == "fsdp2" and setting == "full":
+        assert_same_final_model(ref / "final", out / "final", tiny_model_dir)
+    if strategy == "fsdp2" and setting == "lora":
+        assert_same_adapter(ref / "final", out / "final")
 
 
-def test_fsdp2_final_model_is_whole_and_loads(one_rank, tiny_model_dir, color_data, tmp_path):
-    """The language model trains too (embedding, decoder layers); the gathered folder loads like the 1-rank one."""
+def assert_same_final_model(a_dir: Path, b_dir: Path, base_dir: Path) -> None:
     from transformers import AutoModelForImageTextToText
 
-    ref = one_rank("lm", **LM_FULL)
-    out = run_2(tree(tiny_model_dir, color_data, tmp_path / "out", **LM_FULL), tmp_path, "lm")
-    assert_same_losses(ref, out)
-    a = AutoModelForImageTextToText.from_pretrained(ref / "final").state_dict()
-    b = AutoModelForImageTextToText.from_pretrained(out / "final").state_dict()
+    a = AutoModelForImageTextToText.from_pretrained(a_dir).state_dict()
+    b = AutoModelForImageTextToText.from_pretrained(b_dir).state_dict()
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].shape == b[k].shape, k
         torch.testing.assert_close(a[k], b[k], atol=2e-4, rtol=0, msg=k)
-    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir).state_dict()
+    base = AutoModelForImageTextToText.from_pretrained(base_dir).state_dict()
     assert any(not torch.equal(base[k], b[k]) for k in b)  # trained, not the base reloaded
 
 
-def test_fsdp2_lora_adapter_is_whole(one_rank, tiny_model_dir, color_data, tmp_path):
-    """Every rank's shard of every adapter matrix is in the saved adapter (not rank 0's slice alone)."""
-    ref = one_rank("lora", **ADAPTER)
-    out = run_2(tree(tiny_model_dir, color_data, tmp_path / "out", **ADAPTER), tmp_path, "lora")
-    a = load_file(ref / "final" / "adapter_model.safetensors")
-    b = load_file(out / "final" / "adapter_model.safetensors")
-    assert (out / "final" / "adapter_config.json").is_file()
+def assert_same_adapter(a_dir: Path, b_dir: Path) -> None:
+    """Every rank's shard of every adapter matrix is saved (not rank 0's slice alone), in the PEFT layout."""
+    a = load_file(a_dir / "adapter_model.safetensors")
+    b = load_file(b_dir / "adapter_model.safetensors")
+    assert (b_dir / "adapter_config.json").is_file()
     assert a.keys() == b.keys() and a
     for k in a:
         assert a[k].shape == b[k].shape, k
         torch.testing.assert_close(a[k], b[k], atol=2e-4, rtol=0, msg=k)
-    assert any(".lora_B." in k and b[k].abs().sum() > 0 for k in b)  # trained: B left zero
+    assert any(".lora_B." in k and b[k].abs().sum() > 0 for k in b)  # trained: B starts at zero
 
 
 def test_a_failing_rank_ends_the_others(tiny_model_dir, color_data, tmp_path):
-    t = tree(tiny_model_dir, color_data, tmp_path / "out", max_steps=20, distributed={"timeout_s": 30}, **FULL)
+    t = tree(tiny_model_dir, color_data, tmp_path / "out", max_steps=20, distributed={"timeout_s": 30},
+             **FROZEN_LM)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(t))
     start = time.monotonic()
@@ -161,3 +162,33 @@ def test_a_failing_rank_ends_the_others(tiny_model_dir, color_data, tmp_path):
     assert time.monotonic() - start < 90
     assert "injected failure on rank 1" in proc.stdout + proc.stderr
     assert not (tmp_path / "out" / "final").exists()
+
+
+def test_fsdp2_resume_on_one_rank(tiny_model_dir, color_data, tmp_path):
+    """A 2-rank FSDP2 LoRA run saves sharded checkpoints (DCP); one process resumes them: from step 2 it continues
+    like the uninterrupted run, and from the last step every adapter weight equals the one saved."""
+    import shutil
+
+    ckpt = {"every_steps": 2, "keep": 2}
+    t = tree(tiny_model_dir, color_data, tmp_path / "two", max_steps=4, **ADAPTER)
+    t["checkpoint"] = ckpt
+    two = run_2(t, tmp_path, "two")
+    assert (two / "checkpoints" / "step-000002" / "dcp" / ".metadata").is_file()
+    state = json.loads((two / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
+    assert state["sharded"] and state["world_size"] == 2
+
+    for step in (2, 4):
+        out = tmp_path / f"one-from-{step}"
+        shutil.copytree(two, out)
+        t = tree(tiny_model_dir, color_data, out, max_steps=4, **ADAPTER)
+        t["checkpoint"], t["resume"] = ckpt, str(out / "checkpoints" / f"step-{step:06d}")
+        finetune(build_recipe(t))
+        a = load_file(two / "final" / "adapter_model.safetensors")
+        b = load_file(out / "final" / "adapter_model.safetensors")
+        assert a.keys() == b.keys()
+        if step == 4:  # nothing left to train: the loaded adapter is the saved one, bit for bit
+            assert all(torch.equal(a[k], b[k]) for k in a)
+        else:
+            assert_same_losses(two, out)
+            for k in a:
+                torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)

@@ -224,7 +224,7 @@ def _flat(tree: object, prefix: str = "") -> dict[str, object]:
 
 # Recipe keys that may change between a run and its resumption without changing what is trained.
 _BOOKKEEPING = ("resume", "output_dir", "checkpoint.", "train.log_every_steps", "train.max_bad_steps",
-                "train.check_gradients", "data.num_workers")
+                "train.check_gradients", "data.num_workers", "distributed.")
 
 
 def recipe_changes(saved_yaml: str, recipe: Recipe) -> list[str]:
@@ -295,6 +295,10 @@ class Checkpoints:
 
     def save(self, recipe: Recipe, run: RunState, model, optimizer, scheduler, sampler, metrics) -> Path:
         """Write the checkpoint of step `run.step` atomically, then apply ``keep``. Returns its folder."""
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            from vlmtune.parallel import save_sharded  # every rank writes its shards (torch.distributed.checkpoint)
+
+            return save_sharded(self, recipe, run, model, optimizer, scheduler, sampler, metrics)
         final = self.directory / f"step-{run.step:06d}"
         if not self.writer:
             return final
@@ -352,19 +356,25 @@ class Checkpoints:
             if changes:
                 print("vlmtune: note: the recipe differs from the one that wrote the checkpoint; continuing with "
                       "the new values:\n    " + "\n    ".join(changes), flush=True)
-        load_trainable(path / TRAINABLE, model)
-        opt = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
-        try:
-            optimizer.load_state_dict(opt["optimizer"])
-        except ValueError as e:
-            raise CheckpointError(f"{path / OPTIMIZER}: does not fit this run's optimizer ({e}); was the "
-                                  "checkpoint written with another freeze/peft setting?") from e
-        scheduler.load_state_dict(opt["scheduler"])
-        sampler.epoch, sampler.offset = state["data"]["epoch"], state["data"]["offset"]
+        if state.get("sharded"):  # written by several ranks (vlmtune/parallel.py); loads on any number of ranks
+            from vlmtune.parallel import load_sharded
+
+            rng = load_sharded(path, state, model, optimizer, scheduler, sampler)
+        else:
+            load_trainable(path / TRAINABLE, model)
+            opt = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
+            try:
+                optimizer.load_state_dict(opt["optimizer"])
+            except ValueError as e:
+                raise CheckpointError(f"{path / OPTIMIZER}: does not fit this run's optimizer ({e}); was the "
+                                      "checkpoint written with another freeze/peft setting?") from e
+            scheduler.load_state_dict(opt["scheduler"])
+            sampler.epoch, sampler.offset = state["data"]["epoch"], state["data"]["offset"]
+            rng = torch.load(path / RNG, map_location="cpu", weights_only=True)
         m = state["metrics"]
         metrics.seen, metrics.skipped, metrics.examples = m["seen"], Counter(m["skipped"]), dict(m["examples"])
         run = RunState(**{k: state[k] for k in RunState.__dataclass_fields__})
-        set_rng_state(torch.load(path / RNG, map_location="cpu", weights_only=True))
+        set_rng_state(rng)
         if self.writer:
             dropped = truncate_metrics(metrics.path, run.step)
             if dropped:

@@ -38,6 +38,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Iterator
 from datetime import timedelta
 from functools import partial
@@ -311,3 +312,88 @@ def _write_full_model(model: torch.nn.Module, folder: Path, writer: bool, shard_
     total = sum((folder / f).stat().st_size for f in set(weight_map.values()))
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sharded checkpoints (torch.distributed.checkpoint), written by every rank, loadable on any number of ranks
+
+
+def _dcp_options(strict: bool = True):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Only what trains is saved (frozen weights come back from model.name_or_path, as in one process).
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
+
+
+def save_sharded(ckpts, recipe, run, model, optimizer, scheduler, sampler, metrics) -> Path:
+    """The multi-process form of Checkpoints.save: ``dcp/`` (trainable weights + optimizer state, each rank its
+    shards), ``rng-<rank>.pt``, and rank 0's ``scheduler.pt``, trainer_state.json (with every rank's data
+    position), recipe.yaml; COMPLETE is written by rank 0 after a barrier, then the folder is renamed in."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from vlmtune import checkpoint as ck
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    final = ckpts.directory / f"step-{run.step:06d}"
+    name = [f"{final.name}.tmp-{os.getpid()}"]
+    dist.broadcast_object_list(name, src=0)  # one folder for all ranks: rank 0's pid
+    tmp = ckpts.directory / name[0]
+    if rank == 0:
+        ckpts.directory.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_dcp_options())
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+    ck._write_torch(tmp / f"rng-{rank}.pt", ck.rng_state())
+    positions = [None] * world_size
+    dist.all_gather_object(positions, [sampler.epoch, sampler.offset])
+    dist.barrier()  # every rank's files are written
+    if rank == 0:
+        ck._write_torch(tmp / "scheduler.pt", scheduler.state_dict())
+        state = {"format": ck.FORMAT_VERSION, "sharded": True, "world_size": world_size, **ck.asdict(run),
+                 "data": {"epoch": sampler.epoch, "offset": sampler.offset, "positions": positions},
+                 "metrics": {"seen": metrics.seen, "skipped": dict(metrics.skipped),
+                             "examples": dict(metrics.examples)}}
+        ck._write_text(tmp / ck.STATE, json.dumps(state, indent=2) + "\n")
+        ck._write_text(tmp / ck.RECIPE, ck.recipe_to_yaml(recipe))
+        ck._write_text(tmp / ck.COMPLETE, f"step {run.step}\n")
+        ck._fsync_path(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        ck._fsync_path(ckpts.directory)
+        ckpts.prune()
+    dist.barrier()
+    return final
+
+
+def load_sharded(path: Path, state: dict, model, optimizer, scheduler, sampler) -> dict:
+    """Load a save_sharded checkpoint on this run's ranks (any number, one included); returns the RNG state
+    to restore (this rank's, or rank 0's when the checkpoint had fewer ranks)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from vlmtune.checkpoint import CheckpointError
+
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_dcp_options())
+    loaded = {"model": model_sd, "optim": optim_sd}
+    with warnings.catch_warnings():  # one process: DCP says it assumes so, which is what we want
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+        dcp.load(loaded, checkpoint_id=str(path / "dcp"))
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"],
+                   options=_dcp_options(strict=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    # Every rank consumed the same number of samples of the epoch, so the global position is old world x offset.
+    positions = state["data"]["positions"]
+    if len({tuple(p) for p in positions}) != 1:
+        raise CheckpointError(f"{path}: the ranks stopped at different data positions {positions}")
+    epoch, offset = positions[0]
+    consumed = offset * len(positions)
+    if consumed % world_size:
+        raise CheckpointError(f"{path}: {consumed} samples of epoch {epoch} were seen by {len(positions)} rank(s); "
+                              f"that does not split evenly over {world_size} rank(s)")
+    sampler.epoch, sampler.offset = epoch, consumed // world_size
+    rng = path / f"rng-{rank}.pt"
+    return torch.load(rng if rng.is_file() else path / "rng-0.pt", map_location="cpu", weights_only=True)
