@@ -115,10 +115,21 @@ def test_two_ranks_match_one_rank(strategy, setting, one_rank, tiny_model_dir, c
     adapter gathered from every rank's shards) equals the 1-rank one."""
     kw = FULL if setting == "full" else ADAPTER
     ref = one_rank(setting, **kw)
-    out = run_2(tree(tiny_model_dir, color_data, tmp_path / "out", distributed={"strategy": strategy}, **kw),
-                tmp_path, "r")
+    t = tree(tiny_model_dir, color_data, tmp_path / "out", distributed={"strategy": strategy}, **kw)
+    if strategy == "ddp" and setting == "lora":
+        t["checkpoint"] = {"every_steps": 2}  # a sharded checkpoint from unsharded (DDP) weights, resumed below
+    out = run_2(t, tmp_path, "r")
     assert_same_losses(ref, out)
     assert (out / "final").is_dir()
+    if strategy == "ddp" and setting == "lora":
+        import shutil
+
+        one = tmp_path / "one"
+        shutil.copytree(out, one)
+        t = tree(tiny_model_dir, color_data, one, **kw)
+        t["checkpoint"], t["resume"] = {"every_steps": 2}, str(one / "checkpoints" / "step-000002")
+        finetune(build_recipe(t))
+        assert_same_losses(ref, one)
     if strategy == "fsdp2" and setting == "full":
         assert_same_final_model(ref / "final", out / "final", tiny_model_dir)
     if strategy == "fsdp2" and setting == "lora":
@@ -192,3 +203,21 @@ def test_fsdp2_resume_on_one_rank(tiny_model_dir, color_data, tmp_path):
             assert_same_losses(two, out)
             for k in a:
                 torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
+
+
+def test_strategy_defaults_and_validation():
+    from vlmtune.config import DistributedConfig
+    from vlmtune.parallel import DistributedError, grad_scale, resolve_strategy
+
+    assert resolve_strategy(DistributedConfig(), 1) == "none"
+    assert resolve_strategy(DistributedConfig(), 2) == "fsdp2"
+    assert resolve_strategy(DistributedConfig(strategy="ddp"), 4) == "ddp"
+    assert resolve_strategy(DistributedConfig(dp_replicate=2, dp_shard=2), 4) == "fsdp2"
+    with pytest.raises(DistributedError, match="strategy=none"):
+        resolve_strategy(DistributedConfig(strategy="none"), 2)
+    with pytest.raises(DistributedError, match="must equal the world size"):
+        resolve_strategy(DistributedConfig(dp_replicate=2, dp_shard=4), 4)
+    assert grad_scale("fsdp2", 4) == 4.0 and grad_scale("none", 1) == 1.0
+    with pytest.raises(ValueError):
+        build_recipe({"model": {"name_or_path": "x"}, "data": {"train": {"source": "x"}}, "train": {"max_steps": 1},
+                      "distributed": {"strategy": "zero3"}})

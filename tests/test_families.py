@@ -13,9 +13,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vlmtune.cli import main, trained_runs
 from vlmtune.collate import SampleEncoder, collate
-from vlmtune.config import FreezeConfig, ModelConfig
+from vlmtune.config import FreezeConfig, ModelConfig, PeftConfig
 from vlmtune.families import family_for, part_of
+from vlmtune.generate import Generator
 from vlmtune.model import apply_freeze, apply_load_fixes, load_model, unused_parameters
+from vlmtune.peft import lora_targets
 from vlmtune.train import loss_sum, save_final, to_device
 
 SPECS = all_specs()
@@ -88,20 +90,26 @@ def write_dataset(tmp_path, spec) -> str:
     return str(tmp_path / "data.jsonl")
 
 
+LORA_EVERYWHERE = ["peft.method=lora", "peft.vision=true", "peft.projector=true"]
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_full_finetune_step_through_cli_with_mixed_batch(name, tiny_root, tmp_path):
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_finetune_step_through_cli_with_mixed_batch(name, mode, tiny_root, tmp_path):
+    """A full and a LoRA (language + vision + projector) step; the loop's first-step gradient check proves every
+    trainable parameter, vision adapters included, got a gradient."""
     spec = SPECS[name]
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({
         "output_dir": str(tmp_path / "out"), "model": {"name_or_path": str(model_dir(name, tiny_root))},
         "data": {"train": {"source": write_dataset(tmp_path, spec)}},
         "train": {"max_steps": 2, "micro_batch_size": 3, "global_batch_size": 3, "lr": 1e-3, "max_length": 4096}}))
-    assert main(["finetune", "-c", str(recipe)]) == 0
+    assert main(["finetune", "-c", str(recipe), *(LORA_EVERYWHERE if mode == "lora" else [])]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["skipped"] == {} and summary["samples_seen"] == 6
     lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(x["loss"])) for x in lines)
-    assert (tmp_path / "out" / "final" / "config.json").is_file()
+    assert (tmp_path / "out" / "final" / ("adapter_config.json" if mode == "lora" else "config.json")).is_file()
 
 
 @pytest.fixture
@@ -170,3 +178,32 @@ def test_unused_parameters_are_exactly_those_without_gradient(name, loaded):
     # An all-zero gradient counts as none (Gemma 3n's audio embedder runs on every token, its result dropped).
     no_grad = sorted(n for n, p in model.named_parameters() if p.grad is None or not p.grad.any())
     assert no_grad == sorted(unused_parameters(model, family))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_peft_switches_target_exactly_their_parts(name, loaded):
+    """By name: default adapters only in the language model; peft.vision / peft.projector add exactly those parts'
+    plain linear layers (a part without any, like Gemma 3's projection matrix, gets none)."""
+    model, _, family = loaded
+    head = model.get_output_embeddings()
+    unused = set(unused_parameters(model, family))
+    by_part: dict[str, set[str]] = {}
+    for n, m in model.named_modules():
+        plain = (type(m).forward is torch.nn.Linear.forward and isinstance(m, torch.nn.Linear) and m is not head
+                 and not any(n.endswith(x) for x in family.no_adapters))
+        if plain and not all(f"{n}.{p}" in unused for p, _ in m.named_parameters()):
+            by_part.setdefault(part_of(n, family), set()).add(n)
+    for switches, parts in [({}, {"language_model"}), ({"vision": True}, {"language_model", "vision_tower"}),
+                            ({"projector": True}, {"language_model", "projector"})]:
+        targets = set(lora_targets(model, family, PeftConfig(method="lora", **switches), FreezeConfig()))
+        assert targets == set().union(*(by_part.get(p, set()) for p in parts)), switches
+    assert by_part.get("vision_tower") or family.name == "gemma3n"  # its vision tower is convolutional
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_generate_produces_tokens(name, loaded):
+    model, processor, family = loaded
+    model.eval()
+    prompt = conversation(SPECS[name])[:1]
+    out, width = Generator(model, processor, family, max_new_tokens=4).generate([prompt])
+    assert out.shape[0] == 1 and width < out.shape[1] <= width + 4

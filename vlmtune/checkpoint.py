@@ -44,8 +44,9 @@ Resuming reproduces the uninterrupted run bit for bit on CPU: the checkpoint is 
 boundary, where the sampler position is exact; validation runs with the training RNG state saved and
 restored around it; and each DataLoader has its own generator, so starting one mid-epoch on resume does not
 shift the global (dropout) RNG stream. Not saved: buffers (a model whose buffers change while training,
-e.g. BatchNorm statistics, would get them back from ``model.name_or_path``). In a multi-process run only
-rank 0 writes, and its RNG states (every rank is seeded alike) are restored on every rank.
+e.g. BatchNorm statistics, would get them back from ``model.name_or_path``). A multi-process run writes a
+sharded checkpoint instead (torch.distributed.checkpoint, every rank; see vlmtune/parallel.py and
+docs/distributed.md), which resumes on any number of ranks, one included.
 """
 
 from __future__ import annotations

@@ -57,6 +57,9 @@ class Family:
     # The vision encoder's layer list, where the projector reads the hidden state `config.vision_feature_layer`
     # (LLaVA: the penultimate layer): the layers after that one are unused by design too.
     feature_layers: str = ""
+    # Linear layers whose weight the model reads directly while training (bypassing forward), so a LoRA adapter
+    # on them would never train: peft never targets them (module-name suffixes).
+    no_adapters: tuple[str, ...] = ()
     notes: str = ""
     model_types: tuple[str, ...] = field(default=())
 
@@ -90,6 +93,8 @@ FAMILIES: tuple[Family, ...] = (
                        "audio_tower": ("model.audio_tower", "model.embed_audio")},
            "<start_of_turn>model\n", "<end_of_turn>", model_types=("gemma3n",),
            unused_params=("model.audio_tower", "model.embed_audio"),
+           # transformers 5.24 AltUp.correct: in training, F.linear(x, correction_coefs.weight.clamp(...))
+           no_adapters=("altup.correction_coefs",),
            notes="system text is merged into the first user turn; the vision tower is a timm MobileNetV5"),
     Family("smolvlm", IDEFICS_PARTS, "\nAssistant:", "<end_of_utterance>", model_types=("smolvlm", "idefics3"),
            notes="the answer text starts with a space"),

@@ -114,7 +114,10 @@ def lora_targets(model: torch.nn.Module, family: Family, pcfg: PeftConfig, freez
     unused = set(unused_parameters(model, family))
     layers = [(name, part_of(name, family), m) for name, m in model.named_modules() if _supported_layer(m)
               and not all(f"{name}.{p}" in unused for p, _ in m.named_parameters())]
-    linear = [(n, part) for n, part, m in layers if isinstance(m, torch.nn.Linear) and m is not head]
+    # Plain linears only: a subclass with its own forward (Llama 4's router returns a tuple) breaks LoRA's wrapper.
+    linear = [(n, part) for n, part, m in layers
+              if isinstance(m, torch.nn.Linear) and type(m).forward is torch.nn.Linear.forward and m is not head
+              and not n.endswith(family.no_adapters)]
     patterns = pcfg.target_modules or ["all-linear"]
     chosen: set[str] = set()
     for pattern in patterns:
