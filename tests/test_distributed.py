@@ -115,7 +115,10 @@ def test_two_ranks_match_one_rank(strategy, setting, one_rank, tiny_model_dir, c
     adapter gathered from every rank's shards) equals the 1-rank one."""
     kw = FULL if setting == "full" else ADAPTER
     ref = one_rank(setting, **kw)
-    t = tree(tiny_model_dir, color_data, tmp_path / "out", distributed={"strategy": strategy}, **kw)
+    # Recomputing activations must not change a thing (FSDP2 + LoRA + non-reentrant checkpointing here).
+    ac = "all" if (strategy, setting) == ("fsdp2", "lora") else "none"
+    t = tree(tiny_model_dir, color_data, tmp_path / "out",
+             distributed={"strategy": strategy, "activation_checkpointing": ac}, **kw)
     if strategy == "ddp" and setting == "lora":
         t["checkpoint"] = {"every_steps": 2}  # a sharded checkpoint from unsharded (DDP) weights, resumed below
     out = run_2(t, tmp_path, "r")
@@ -221,3 +224,15 @@ def test_strategy_defaults_and_validation():
     with pytest.raises(ValueError):
         build_recipe({"model": {"name_or_path": "x"}, "data": {"train": {"source": "x"}}, "train": {"max_steps": 1},
                       "distributed": {"strategy": "zero3"}})
+
+
+def test_activation_checkpointing_per_part(tiny_model_dir):
+    from vlmtune.config import ModelConfig
+    from vlmtune.model import load_model
+    from vlmtune.parallel import apply_activation_checkpointing
+
+    model, _, family = load_model(ModelConfig(name_or_path=str(tiny_model_dir)), torch.device("cpu"))
+    assert apply_activation_checkpointing(model, family, "language") == 2  # the 2 decoder layers
+    assert apply_activation_checkpointing(model, family, "vision") == 2  # the 2 vision blocks
+    on = [n for n, m in model.named_modules() if getattr(m, "gradient_checkpointing", False)]
+    assert len(on) == 4 and all(".layers." in n or ".blocks." in n for n in on)

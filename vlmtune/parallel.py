@@ -189,6 +189,8 @@ def parallelize(model: torch.nn.Module, family: Family, dcfg, strategy: str,
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if dcfg.cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
+    # The loop never changes the model's outputs in place, which is what this warning is about.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     # Frozen parameters are sharded like the others (1/N of their memory per rank) and never get gradients or
     # optimizer state; trainable adapters and frozen base weights share a unit without trouble.
     for unit in _units(model, family):
