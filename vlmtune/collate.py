@@ -92,7 +92,7 @@ def _append_text(message: dict, suffix: str) -> dict:
     return {**message, "content": content}
 
 
-def _media(conversation: list[dict], kind: str) -> list:
+def media_of(conversation: list[dict], kind: str) -> list:
     """The images (PIL) or videos (lists of PIL frames) of a conversation, in order."""
     return [p[kind] for m in conversation for p in m["content"] if p["type"] == kind]
 
@@ -124,7 +124,7 @@ class SampleEncoder:
 
     def __call__(self, conversation: list[dict], index: int) -> Encoded:
         text = self.render(conversation)
-        media = {k + "s": v for k in ("image", "video") if (v := _media(conversation, k))}
+        media = {k + "s": v for k in ("image", "video") if (v := media_of(conversation, k))}
         # A template that writes the BOS itself (Gemma, Llama 4) must not get a second one from the tokenizer:
         # the rule of transformers' own apply_chat_template(tokenize=True).
         bos = getattr(self.processor.tokenizer, "bos_token", None)

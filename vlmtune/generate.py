@@ -19,6 +19,7 @@ from pathlib import Path
 import PIL.Image
 import torch
 
+from vlmtune.collate import SampleEncoder, media_of
 from vlmtune.config import ModelConfig, Recipe
 from vlmtune.families import Family
 from vlmtune.model import autocast_dtype, load_model, pick_device
@@ -66,9 +67,6 @@ def split_conversation(conversation: list[dict]) -> tuple[list[dict], str | None
     return conversation[:last], text
 
 
-def _images(conversation: list[dict]) -> list:
-    return [p["image"] for m in conversation for p in m["content"] if p["type"] == "image"]
-
 
 @dataclass
 class Generator:
@@ -100,11 +98,13 @@ class Generator:
 
     def encode(self, conversations: Sequence[list[dict]]) -> dict:
         texts = [self.prompt(c) for c in conversations]
-        images = [im for c in conversations for im in _images(c)]
+        # Per sample, nested: some processors (Gemma 3) count images per prompt and reject a flat list.
+        per_sample = [media_of(c, "image") for c in conversations]
+        images = per_sample if any(per_sample) else None
         tok = self.processor.tokenizer
         side, tok.padding_side = tok.padding_side, "left"  # generation appends on the right
         try:
-            batch = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+            batch = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
         finally:
             tok.padding_side = side
         return {k: (v.to(self.device).to(self.dtype) if k in self.family.cast_to_model_dtype and v.is_floating_point()
@@ -157,7 +157,6 @@ def generate_split(recipe: Recipe, split: str, out: str | Path, model_path: str 
 
     Returns (path, samples written, samples skipped because their record could not be read).
     """
-    from vlmtune.collate import SampleEncoder
     from vlmtune.config import RecipeError
     from vlmtune.data.dataset import SFTDataset
     from vlmtune.data.formats import SampleError
