@@ -7,7 +7,6 @@ are imported inside functions, so importing this module is cheap.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -172,20 +171,6 @@ def peer_dataset(data_dir: Path, order: list[int], rows: list[dict]):
     })
     return datasets.Dataset.from_dict({"images": images, "messages": messages, "row": list(order)},
                                       features=features)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The schedule (a copy of vlmtune.train.lr_lambda, so the peers get the same learning rate every step)
-
-
-def lr_multiplier(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
-    return min_ratio + (1 - min_ratio) * decay
 
 
 # ---------------------------------------------------------------------------------------------------------

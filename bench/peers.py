@@ -133,10 +133,12 @@ def optimizer_and_scheduler(model, spec: dict):
     """AdamW (torch, not fused: what vlmtune builds on CPU) + vlmtune's warmup/cosine schedule, per optimizer step."""
     import torch
 
+    from vlmtune.train import lr_lambda  # the very schedule vlmtune uses
+
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
-        benchlib.lr_multiplier, warmup=spec["warmup"], total=spec["steps"], schedule="cosine",
+        lr_lambda, warmup=spec["warmup"], total=spec["steps"], schedule="cosine",
         min_ratio=spec["min_lr_ratio"]))
     return optimizer, scheduler
 
