@@ -41,6 +41,17 @@ def encoder(processor):
     return SampleEncoder(processor, family_for("qwen2_5_vl"), max_length=1024)
 
 
+@pytest.fixture(scope="module")
+def image_batch(cord_dir, encoder):
+    """Two collated validation receipts of the tiny Qwen2.5-VL."""
+    from vlmtune.collate import collate
+    from vlmtune.config import DataSource
+    from vlmtune.data.dataset import SFTDataset
+
+    ds = SFTDataset(DataSource(source=str(cord_dir), format="cord_v2", split="validation"), encoder, "v")
+    return collate([ds[0], ds[1]], pad_id=151643)
+
+
 def small_recipe(model_dir, data_dir, out_dir, **train) -> dict:
     """A recipe tree for fast loop tests on the tiny model."""
     return {

@@ -15,8 +15,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from conftest import small_recipe
 from vlmtune.cli import main
-from vlmtune.collate import collate
-from vlmtune.config import DataSource, ModelConfig, build_recipe
+from vlmtune.config import ModelConfig, build_recipe
 from vlmtune.data.dataset import SFTDataset
 from vlmtune.generate import Generator, load_for_inference, split_conversation
 from vlmtune.model import load_model
@@ -39,12 +38,6 @@ def base_model(path) -> torch.nn.Module:
     if str(path) not in _BASE:
         _BASE[str(path)] = load_model(ModelConfig(name_or_path=str(path)), CPU)[0]
     return copy.deepcopy(_BASE[str(path)])
-
-
-@pytest.fixture(scope="module")
-def image_batch(cord_dir, encoder):
-    ds = SFTDataset(DataSource(source=str(cord_dir), format="cord_v2", split="validation"), encoder, "v")
-    return collate([ds[0], ds[1]], pad_id=151643)
 
 
 @pytest.fixture(scope="module")

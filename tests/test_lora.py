@@ -17,8 +17,7 @@ import vlmtune.train as train_mod
 from conftest import small_recipe
 from vlmtune.cli import main
 from vlmtune.collate import collate
-from vlmtune.config import DataSource, FreezeConfig, ModelConfig, PeftConfig, RecipeError, build_recipe
-from vlmtune.data.dataset import SFTDataset
+from vlmtune.config import FreezeConfig, ModelConfig, PeftConfig, RecipeError, build_recipe
 from vlmtune.families import family_for
 from vlmtune.model import load_model
 from vlmtune.peft import (
@@ -60,12 +59,6 @@ def adapted(model) -> set[str]:
 
 def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
-
-
-@pytest.fixture(scope="module")
-def image_batch(cord_dir, encoder):
-    ds = SFTDataset(DataSource(source=str(cord_dir), format="cord_v2", split="validation"), encoder, "v")
-    return collate([ds[0], ds[1]], pad_id=151643)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ training loop's gradient check rejects. The builders give them small random valu
 
 from __future__ import annotations
 
-import copy
 import json
 import string
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from tiny.common import ASSETS, TinySpec
+from tiny.common import deep_update as _deep_update
 
 # A few sentences, so that the words the tests use become whole BPE pieces (anything else falls back to bytes).
 CORPUS = [
@@ -36,14 +36,6 @@ CORPUS = [
     "user model system assistant image picture photo receipt total price",
 ]
 IMAGE_PX = 64  # tiny image size (the real processors use 896 and 768)
-
-
-def _deep_update(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = _deep_update(out[key], value) if nested else value
-    return out
 
 
 def gemma_tokenizer(asset_dir: Path, bpe_size: int = 300):

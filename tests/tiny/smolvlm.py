@@ -13,13 +13,13 @@ the Idefics3 classes.
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import torch
 
 from tiny.common import ASSETS, TinySpec
+from tiny.common import deep_update as _deep_update
 
 SMOLVLM2 = ASSETS / "smolvlm2"
 CORPUS = [
@@ -32,14 +32,6 @@ CORPUS = [
 # factor 4 -> 2 x 2 = 4 tokens per sub-image (real: 64). Images are resized to a longest edge of 128 (real: 1024,
 # twice the sub-image size as in the real files) and split into up to 2 x 2 tiles plus the global image.
 TILE_PX, PATCH = 64, 8
-
-
-def _deep_update(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = _deep_update(out[key], value) if nested else value
-    return out
 
 
 def smol_tokenizer(bpe_size: int = 400):
