@@ -6,6 +6,7 @@ are imported inside functions, so importing this module is cheap.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -177,12 +178,23 @@ def peer_dataset(data_dir: Path, order: list[int], rows: list[dict]):
 # Measurements
 
 
+def sample_lengths(batch: dict) -> list[int]:
+    """Tokens of each sample of a micro-batch: padded rows (attention_mask), or one packed row (vlmtune packing:
+    no attention_mask, the 1-D text positions restart at 0 for each sample)."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum(dim=1).tolist()
+    pos = batch["position_ids"]
+    pos = pos[0, 0] if pos.dim() == 3 else pos[0]  # Qwen packed: (4, 1, N), row 0 holds the text positions
+    starts = [*(pos == 0).nonzero().flatten().tolist(), pos.numel()]
+    return [b - a for a, b in itertools.pairwise(starts)]
+
+
 def batch_stats(batch: dict) -> dict:
     """Tokens of one collated micro-batch: non-pad, padded (rows x width), supervised (labels[:, 1:] != -100:
     the positions a causal LM loss actually scores), samples."""
-    mask, labels = batch["attention_mask"], batch["labels"]
-    return {"tokens": int(mask.sum()), "padded": int(mask.numel()),
-            "supervised": int((labels[:, 1:] != IGNORE).sum()), "samples": int(mask.shape[0])}
+    labels, lengths = batch["labels"], sample_lengths(batch)
+    return {"tokens": sum(lengths), "padded": int(labels.numel()),
+            "supervised": int((labels[:, 1:] != IGNORE).sum()), "samples": len(lengths)}
 
 
 class CountingCollator:
@@ -193,7 +205,7 @@ class CountingCollator:
 
     def __call__(self, items, *args, **kwargs):
         batch = self.inner(items, *args, **kwargs)
-        if "attention_mask" in batch and "labels" in batch:
+        if "labels" in batch:
             self.log.append(batch_stats(batch))
         return batch
 

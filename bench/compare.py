@@ -339,8 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         packed_reason = "not run: pass --packing" if "vlmtune" in args.only else "vlmtune not in --only"
     elif "rejected" in packed:
         problems = [ln.strip(" -") for ln in packed["rejected"].splitlines() if ln.strip().startswith("- ")]
-        packed_reason = ("the vlmtune recipe rejects train.packing=true (packing is not implemented yet): "
-                         + "; ".join(problems or [packed["rejected"]]))
+        packed_reason = "the vlmtune recipe rejects train.packing=true: " + "; ".join(problems or [packed["rejected"]])
     elif "error" in packed:
         packed_reason = "the packed run failed: " + packed["error"]
     else:

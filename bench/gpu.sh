@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU benchmark of vlmtune on one CUDA GPU (written for a lent H100 / H200): a Qwen2.5-VL-3B-sized model with
-# random weights, full fine-tune and LoRA at bf16, packing off (and on, once vlmtune accepts train.packing).
+# random weights, full fine-tune and LoRA at bf16, packing off and on.
 # Needs nothing from the network. About 4 minutes on an H100; stops starting new runs after 450 s.
 #
 #   bash bench/gpu.sh [OUT_DIR] [gpu_bench.py options...]      # OUT_DIR default: $OUT, else runs/bench-gpu

@@ -16,8 +16,7 @@ of the last step, with torch.cuda.synchronize() at each step end). MFU = model F
 FLOP/s of the GPU, with the model FLOPs of each micro-batch counted from its actual shapes (formula in
 docs/benchmarks.md and in `model_flops` below): the vision tower's are included.
 
-Packing: the 'on' runs use the recipe key train.packing=true; until vlmtune implements packing the recipe
-rejects the key and the run is reported as null with that reason.
+Packing: the 'on' runs use the recipe key train.packing=true (the micro-batch's samples in one row, no padding).
 """
 
 from __future__ import annotations
@@ -260,9 +259,9 @@ def child_run(spec: dict, run: dict) -> dict:
     # Hook 1: every micro-batch as the loop moves it to the device (in this process: collate runs in the
     # DataLoader workers). Hook 2: a timestamp when the loop hands a finished step to Metrics.step.
     def to_device(batch, *args, **kwargs):
-        if "attention_mask" in batch and "labels" in batch:
+        if "labels" in batch:
             stats = benchlib.batch_stats(batch)
-            stats["lengths"] = batch["attention_mask"].sum(dim=1).tolist()
+            stats["lengths"] = benchlib.sample_lengths(batch)
             grid = batch.get("image_grid_thw")
             stats["grids"] = grid.tolist() if grid is not None else []
             batches.append(stats)

@@ -73,7 +73,7 @@ def run_vlmtune(spec: dict, packing: bool = False) -> dict:
         original_to_device = vlmtune.train.to_device
 
         def to_device(batch, *args, **kwargs):
-            if "attention_mask" in batch and "labels" in batch:
+            if "labels" in batch:
                 batches.append(benchlib.batch_stats(batch))
             return original_to_device(batch, *args, **kwargs)
 

@@ -1,9 +1,16 @@
-"""What tests/test_distributed.py launches with torchrun: one finetune, optionally with a rank made to fail.
+"""What tests/test_distributed.py launches with torchrun: several fine-tunes, one after another, in one process group.
 
-    torchrun --nproc-per-node 2 tests/dist_worker.py RECIPE.yaml [--fail-rank R --fail-step N]
+    torchrun --nproc-per-node N tests/dist_worker.py A.yaml [B.yaml ...] [--fail-rank R --fail-step K]
 
-With --fail-rank, that rank raises in the forward of its N-th micro-batch; the others must then exit with an
-error (gloo notices the closed connection, or the collective times out after distributed.timeout_s).
+Starting the processes and importing torch / transformers costs more than a test run, so the tests put their runs
+in as few launches as they can. The group is started once here (``vlmtune.parallel.process_group``, with the
+shortest ``distributed.timeout_s`` of the recipes, and also with one process, so that one launch can hold
+one-rank FSDP2 runs); ``finetune`` leaves a group it did not start alone. Rank 0 prints
+"dist_worker: start PATH TIME" and "dist_worker: done PATH" around each run. A run that raises ends the launch:
+the group is then in an unknown state.
+
+With --fail-rank, that rank raises in the forward of its K-th micro-batch of the *last* recipe; the others must
+then exit with an error (gloo notices the closed connection, or the collective times out after timeout_s).
 """
 
 from __future__ import annotations
@@ -11,29 +18,48 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+
+
+def fail_at_forward(rank: int, k: int) -> None:
+    """Raise in the K-th forward of the whole model (the module that owns ``lm_head``), whatever the loop's own
+    helpers are called: a global forward pre-hook, not a patched function."""
+    from torch.nn.modules.module import register_module_forward_pre_hook
+
+    calls = [0]
+
+    def hook(module, args):
+        if any(name == "lm_head" for name, _ in module.named_children()):
+            calls[0] += 1
+            if calls[0] >= k:
+                raise RuntimeError(f"injected failure on rank {rank}")
+
+    register_module_forward_pre_hook(hook)
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("recipe")
+    p.add_argument("recipes", nargs="+")
     p.add_argument("--fail-rank", type=int)
     p.add_argument("--fail-step", type=int, default=1)
     args = p.parse_args()
 
-    import vlmtune.train as train
     from vlmtune.config import load_recipe
+    from vlmtune.parallel import process_group
+    from vlmtune.train import finetune
 
-    if args.fail_rank is not None and int(os.environ.get("RANK", "0")) == args.fail_rank:
-        real, calls = train.loss_sum, [0]
-
-        def failing(model, batch):
-            calls[0] += 1
-            if calls[0] >= args.fail_step:
-                raise RuntimeError(f"injected failure on rank {args.fail_rank}")
-            return real(model, batch)
-
-        train.loss_sum = failing
-    train.finetune(load_recipe(args.recipe))
+    recipes = [load_recipe(r) for r in args.recipes]
+    rank = int(os.environ.get("RANK", "0"))
+    timeout = min(r.distributed.timeout_s for r in recipes)
+    with process_group(timeout, recipes[0].train.device, strategy="fsdp2"):  # fsdp2: start it for one rank too
+        for i, (path, recipe) in enumerate(zip(args.recipes, recipes, strict=True)):
+            if rank == 0:
+                print(f"dist_worker: start {path} {time.time():.3f}", flush=True)
+            if i == len(recipes) - 1 and args.fail_rank == rank:
+                fail_at_forward(rank, args.fail_step)
+            finetune(recipe)
+            if rank == 0:
+                print(f"dist_worker: done {path}", flush=True)
     return 0
 
 

@@ -10,6 +10,12 @@ from PIL import Image
 
 from vlmtune.cli import main
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _processors(cached_processors):
+    """Each model's processor is parsed once for the module's in-process runs (tests/conftest.py)."""
+
+
 GOOD = {"image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nColour?"},
                                              {"from": "gpt", "value": "Red."}]}
 

@@ -42,22 +42,8 @@ COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cached_processor():
-    """Tests only: each in-process run would re-parse the same tokenizer (1-2 s); load it once per module."""
-    import vlmtune.model as model_mod
-
-    real, cache = model_mod.load_processor, {}
-
-    def load_processor(cfg):
-        key = (cfg.name_or_path, cfg.revision, json.dumps(cfg.processor_kwargs, sort_keys=True))
-        if key not in cache:
-            cache[key] = real(cfg)
-        return cache[key]
-
-    patch = pytest.MonkeyPatch()
-    patch.setattr(model_mod, "load_processor", load_processor)
-    yield
-    patch.undo()
+def _processors(cached_processors):
+    """Each in-process run would re-parse the same tokenizer (1-2 s): load it once (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")
@@ -147,12 +133,12 @@ def die_at_step(monkeypatch, step: int) -> None:
     real = train_mod.loss_sum
     calls = {"n": 0}
 
-    def loss_sum(model, batch):
+    def loss_sum(model, batch, *rest):
         if model.training:
             calls["n"] += 1
         if model.training and calls["n"] == (step - 1) * 2 + 1:  # 2 micro-batches per step
             raise Killed(f"killed during step {step}")
-        return real(model, batch)
+        return real(model, batch, *rest)
 
     monkeypatch.setattr(train_mod, "loss_sum", loss_sum)
 
@@ -265,12 +251,12 @@ def test_signal_handler_saves_at_step_boundary_and_restores_handlers(tmp_path, m
     real = train_mod.loss_sum
     calls = {"n": 0}
 
-    def loss_sum(model, batch):
+    def loss_sum(model, batch, *rest):
         if model.training:
             calls["n"] += 1
             if calls["n"] == 5:  # the first micro-batch of step 3, whose validation is due (val_every_steps=3)
                 signal.raise_signal(signal.SIGINT)
-        return real(model, batch)
+        return real(model, batch, *rest)
 
     monkeypatch.setattr(train_mod, "loss_sum", loss_sum)
     out = tmp_path / "run"
@@ -311,12 +297,12 @@ def test_nonfinite_steps_are_skipped_counted_and_abort(tmp_path, monkeypatch, dr
     real = train_mod.loss_sum
     calls = {"n": 0}
 
-    def loss_sum(model, batch):
+    def loss_sum(model, batch, *rest):
         if not model.training:
-            return real(model, batch)
+            return real(model, batch, *rest)
         calls["n"] += 1
         step = (calls["n"] + 1) // 2
-        loss = real(model, batch)
+        loss = real(model, batch, *rest)
         return loss * float("nan") if step in (2, 4, 5) else loss
 
     monkeypatch.setattr(train_mod, "loss_sum", loss_sum)

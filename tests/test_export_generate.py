@@ -30,6 +30,11 @@ def logits(model, batch) -> torch.Tensor:
         return model.eval()(**{k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}).logits
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _processors(cached_processors):
+    """Each model's processor is parsed once for the module's in-process runs (tests/conftest.py)."""
+
+
 _BASE: dict[str, torch.nn.Module] = {}
 
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
 import yaml
 from PIL import Image
-from tiny import all_specs, build
+from tiny import all_specs
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from conftest import cached_load_processor
 from vlmtune.cli import main, trained_runs
 from vlmtune.collate import SampleEncoder, collate
 from vlmtune.config import FreezeConfig, ModelConfig, PeftConfig
@@ -22,15 +24,22 @@ from vlmtune.train import loss_sum, save_final, to_device
 
 SPECS = all_specs()
 NAMES = sorted(SPECS)
+CPU = torch.device("cpu")
+_LOADED: dict[str, tuple] = {}  # name -> load_model(...) of the last family loaded (see `loaded`)
 
 
-@pytest.fixture(scope="session")
-def tiny_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("tiny")
+def families(names=NAMES):
+    """Parametrize over families; each family's tests form one xdist group, so one worker loads its model once
+    (tests/conftest.py also keeps a family's tests together when running without xdist)."""
+    return [pytest.param(n, marks=pytest.mark.xdist_group(f"family-{n}")) for n in names]
 
 
-def model_dir(name, root):
-    return build(name, root)
+@pytest.fixture(scope="module", autouse=True)
+def _shared(cached_processors):
+    """Each family's processor is parsed once, also inside `vlmtune finetune` (tests/conftest.py); the model kept
+    by `loaded` goes with the module."""
+    yield
+    _LOADED.clear()
 
 
 def image(colour="red", size=(64, 48)):
@@ -49,30 +58,30 @@ def conversation(spec, n_images=1, video=False):
     ]
 
 
-def trained_spans(name, root, conv):
+def trained_spans(name, tiny_model, conv):
     spec = SPECS[name]
-    processor = AutoProcessor.from_pretrained(model_dir(name, root))
+    processor = cached_load_processor(ModelConfig(name_or_path=str(tiny_model(name))))
     family = family_for(spec.model_type)
     enc = SampleEncoder(processor, family, max_length=4096)(conv, 0)
     ids, labels = enc.tensors["input_ids"].tolist(), enc.tensors["labels"].tolist()
     return [processor.tokenizer.decode(t) for t, trained in trained_runs(ids, labels) if trained], family
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_multi_turn_masking(name, tiny_root):
-    spans, family = trained_spans(name, tiny_root, conversation(SPECS[name]))
+@pytest.mark.parametrize("name", families())
+def test_multi_turn_masking(name, tiny_model):
+    spans, family = trained_spans(name, tiny_model, conversation(SPECS[name]))
     assert [s.strip() for s in spans] == [a + family.assistant_end for a in ("A red square.", "Blue, 2 px wide.")]
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if SPECS[n].multi_image])
-def test_multi_image_masking(name, tiny_root):
-    spans, family = trained_spans(name, tiny_root, conversation(SPECS[name], n_images=2))
+@pytest.mark.parametrize("name", families([n for n in NAMES if SPECS[n].multi_image]))
+def test_multi_image_masking(name, tiny_model):
+    spans, family = trained_spans(name, tiny_model, conversation(SPECS[name], n_images=2))
     assert [s.strip() for s in spans] == [a + family.assistant_end for a in ("A red square.", "Blue, 2 px wide.")]
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if SPECS[n].video])
-def test_video_masking(name, tiny_root):
-    spans, family = trained_spans(name, tiny_root, conversation(SPECS[name], n_images=0, video=True))
+@pytest.mark.parametrize("name", families([n for n in NAMES if SPECS[n].video]))
+def test_video_masking(name, tiny_model):
+    spans, family = trained_spans(name, tiny_model, conversation(SPECS[name], n_images=0, video=True))
     assert [s.strip() for s in spans] == [a + family.assistant_end for a in ("A red square.", "Blue, 2 px wide.")]
 
 
@@ -93,15 +102,15 @@ def write_dataset(tmp_path, spec) -> str:
 LORA_EVERYWHERE = ["peft.method=lora", "peft.vision=true", "peft.projector=true"]
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", families())
 @pytest.mark.parametrize("mode", ["full", "lora"])
-def test_finetune_step_through_cli_with_mixed_batch(name, mode, tiny_root, tmp_path):
+def test_finetune_step_through_cli_with_mixed_batch(name, mode, tiny_model, tmp_path):
     """A full and a LoRA (language + vision + projector) step; the loop's first-step gradient check proves every
     trainable parameter, vision adapters included, got a gradient."""
     spec = SPECS[name]
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({
-        "output_dir": str(tmp_path / "out"), "model": {"name_or_path": str(model_dir(name, tiny_root))},
+        "output_dir": str(tmp_path / "out"), "model": {"name_or_path": str(tiny_model(name))},
         "data": {"train": {"source": write_dataset(tmp_path, spec)}},
         "train": {"max_steps": 2, "micro_batch_size": 3, "global_batch_size": 3, "lr": 1e-3, "max_length": 4096}}))
     assert main(["finetune", "-c", str(recipe), *(LORA_EVERYWHERE if mode == "lora" else [])]) == 0
@@ -113,8 +122,14 @@ def test_finetune_step_through_cli_with_mixed_batch(name, mode, tiny_root, tmp_p
 
 
 @pytest.fixture
-def loaded(name, tiny_root):
-    return load_model(ModelConfig(name_or_path=str(model_dir(name, tiny_root))), torch.device("cpu"))
+def loaded(name, tiny_model):
+    """(model, processor, family) of the family, the model a fresh copy of one load_model per family (the last
+    family loaded is kept: a worker runs one family's tests one after the other)."""
+    if name not in _LOADED:
+        _LOADED.clear()
+        _LOADED[name] = load_model(ModelConfig(name_or_path=str(tiny_model(name))), CPU)
+    model, processor, family = _LOADED[name]
+    return copy.deepcopy(model), processor, family
 
 
 def image_batch(processor, family, spec):
@@ -126,7 +141,7 @@ def image_batch(processor, family, spec):
     return to_device(batch, torch.device("cpu"), torch.float32, family.cast_to_model_dtype)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", families())
 def test_save_reload_same_logits(name, loaded, tmp_path):
     model, processor, family = loaded
     batch = image_batch(processor, family, SPECS[name])
@@ -139,14 +154,14 @@ def test_save_reload_same_logits(name, loaded, tmp_path):
     AutoProcessor.from_pretrained(out)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", families())
 def test_every_parameter_has_a_part(name, loaded):
     model, _, family = loaded
     unassigned = [n for n, _ in model.named_parameters() if part_of(n, family) is None]
     assert unassigned == [], f"{family.name}: parameters outside vision_tower/projector/language_model"
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", families())
 @pytest.mark.parametrize("frozen", ["vision_tower", "projector", "language_model"])
 def test_freeze_switch_by_name_and_gradient(name, frozen, loaded):
     model, processor, family = loaded
@@ -167,7 +182,7 @@ def test_freeze_switch_by_name_and_gradient(name, frozen, loaded):
     assert got_grad == {"vision_tower", "projector", "language_model"} - {frozen}
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", families())
 def test_unused_parameters_are_exactly_those_without_gradient(name, loaded):
     """Family.unused_params / feature_layers name exactly the parameters an image batch gives no gradient."""
     model, processor, family = loaded
@@ -180,7 +195,7 @@ def test_unused_parameters_are_exactly_those_without_gradient(name, loaded):
     assert no_grad == sorted(unused_parameters(model, family))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", families())
 def test_peft_switches_target_exactly_their_parts(name, loaded):
     """By name: default adapters only in the language model; peft.vision / peft.projector add exactly those parts'
     plain linear layers (a part without any, like Gemma 3's projection matrix, gets none)."""
@@ -200,7 +215,7 @@ def test_peft_switches_target_exactly_their_parts(name, loaded):
     assert by_part.get("vision_tower") or family.name == "gemma3n"  # its vision tower is convolutional
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", families())
 def test_generate_produces_tokens(name, loaded):
     model, processor, family = loaded
     model.eval()

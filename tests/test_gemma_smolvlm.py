@@ -7,21 +7,23 @@ import json
 import pytest
 import torch
 from PIL import Image
-from tiny import build
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText
 
+from conftest import cached_load_processor
 from vlmtune.cli import trained_runs
 from vlmtune.collate import SampleEncoder, collate
+from vlmtune.config import ModelConfig
 from vlmtune.families import family_for
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("tiny")
+def root(tiny_model):
+    """`root(name)`: the tiny model's folder (tests/conftest.py builds each once per run)."""
+    return tiny_model
 
 
 def encoder(name, root):
-    processor = AutoProcessor.from_pretrained(build(name, root))
+    processor = cached_load_processor(ModelConfig(name_or_path=str(root(name))))
     return SampleEncoder(processor, family_for(name), max_length=4096), processor
 
 
@@ -71,7 +73,7 @@ def test_mixed_batch_gives_each_sample_its_own_logits(name, root):
     SmolVLM / Idefics3 return (1, images, C, H, W) per sample; the collate pads the image axis with all-zero images."""
     enc, processor = encoder(name, root)
     family = family_for(name)
-    model = AutoModelForImageTextToText.from_pretrained(build(name, root),
+    model = AutoModelForImageTextToText.from_pretrained(root(name),
                                                         attn_implementation=family.attn_implementation).eval()
     samples = [enc(chat([RED]), 0), enc(chat([RED, BLUE], "Two?", "Blue, 2 px wide."), 1),
                enc(chat((), "Text only?", "Answer 2."), 2)]
@@ -100,7 +102,7 @@ def test_gemma_sdpa_default_matches_eager(name, root):
     assert inputs["input_ids"].shape[1] > 32
     results = {}
     for attn in ("eager", "sdpa"):
-        model = AutoModelForImageTextToText.from_pretrained(build(name, root), attn_implementation=attn)
+        model = AutoModelForImageTextToText.from_pretrained(root(name), attn_implementation=attn)
         out = model(**inputs)
         out.loss.backward()
         results[attn] = out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}

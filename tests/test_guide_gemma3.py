@@ -8,7 +8,6 @@ import shlex
 from pathlib import Path
 
 from PIL import Image
-from tiny import build
 
 from vlmtune.cli import main
 
@@ -29,8 +28,8 @@ def with_tiny_model(argv: list[str], model_dir: Path) -> list[str]:
     return [*argv[:i], f"model.name_or_path={model_dir}", *argv[i:]]
 
 
-def test_every_guide_command_runs(tmp_path, tmp_path_factory, monkeypatch, capsys):
-    model_dir = build("gemma3", tmp_path_factory.mktemp("tiny-gemma3"))
+def test_every_guide_command_runs(tmp_path, tiny_model, monkeypatch, capsys):
+    model_dir = tiny_model("gemma3")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "recipes").symlink_to(ROOT / "recipes")
     (tmp_path / "receipts").mkdir()

@@ -16,6 +16,11 @@ from vlmtune.data.formats import json_to_tokens
 END = "<|im_end|>"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _processors(cached_processors):
+    """Each model's processor is parsed once for the module's in-process runs (tests/conftest.py)."""
+
+
 def write_images(folder, n=2):
     colours = ["red", "blue", "green"]
     for i in range(n):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import build
 from transformers import AutoModelForImageTextToText
 
 from vlmtune.families import family_for
@@ -19,10 +18,10 @@ def text_inputs():
     return {"input_ids": torch.tensor([[1, 5, 6, 7, 8]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
 
 
-def test_llama4_forward_needs_the_image_outputs_fix(tmp_path):
+def test_llama4_forward_needs_the_image_outputs_fix(tiny_model):
     """transformers 5.24.0: Llama4ForConditionalGeneration.forward reads `image_outputs` from its language model's
     MoeCausalLMOutputWithPast, which has no such field. If this stops raising, the fix can go."""
-    model = AutoModelForImageTextToText.from_pretrained(build("llama4", tmp_path)).eval()
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model("llama4")).eval()
     with torch.no_grad(), pytest.raises(AttributeError, match="image_outputs"):
         model(**text_inputs())
     apply_load_fixes(model, family_for("llama4"))

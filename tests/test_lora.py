@@ -36,6 +36,11 @@ FAMILY = family_for("qwen2_5_vl")
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _processors(cached_processors):
+    """Each model's processor is parsed once for the module's in-process runs (tests/conftest.py)."""
+
+
 _LOADED: dict[str, torch.nn.Module] = {}
 
 
@@ -125,12 +130,10 @@ def test_dora_run(tiny_model_dir, cord_dir, tmp_path):
     assert all(n.endswith(("q_proj", "v_proj")) for n in config["target_modules"])
 
 
-def test_lora_on_another_family_skips_layers_unused_by_design(tmp_path_factory, tmp_path):
+def test_lora_on_another_family_skips_layers_unused_by_design(tiny_model, tmp_path):
     """LLaVA reads image features from the penultimate vision layer: the last one gets no adapters, and a LoRA
     run with every switch on passes the gradient check. No family branches: only the family table differs."""
-    from tiny import build
-
-    model_dir = build("llava", tmp_path_factory.mktemp("tiny"))
+    model_dir = tiny_model("llava")
     model, _, family = load_model(ModelConfig(name_or_path=str(model_dir)), CPU)
     assert model.config.vision_feature_layer == -2
     targets = set(lora_targets(model, family, PeftConfig(vision=True, projector=True), FreezeConfig()))

@@ -20,6 +20,11 @@ from vlmtune.model import load_model
 from vlmtune.train import finetune, loss_sum, save_final
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _processors(cached_processors):
+    """The tiny model's processor is parsed once for the module's in-process runs (tests/conftest.py)."""
+
+
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir):
     return load_model(ModelConfig(name_or_path=str(tiny_model_dir)), torch.device("cpu"))
@@ -137,19 +142,22 @@ def test_saved_model_reloads_with_same_logits(tmp_path, loaded, samples):
 
 
 def test_demo_cli_end_to_end(tmp_path):
-    """`vlmtune finetune` with no recipe: builds the offline demo, trains, loss falls, writes a loadable model."""
+    """`vlmtune finetune` with no recipe, in a real process: builds the offline demo, trains, loss falls, writes a
+    loadable model. (6 of the demo's 30 steps, validation every 3.)"""
     out = tmp_path / "demo"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "vlmtune", "finetune", f"output_dir={out}", "train.max_steps=12",
-                           "train.val_every_steps=6", "train.warmup_steps=2"],
+    proc = subprocess.run([sys.executable, "-m", "vlmtune", "finetune", f"output_dir={out}", "train.max_steps=6",
+                           "train.val_every_steps=3", "train.warmup_steps=1"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"model: {out / 'final'}" in proc.stdout
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [x["loss"] for x in lines if "loss" in x]
-    assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5
-    assert [x["step"] for x in lines if "val_loss" in x] == [6, 12]
+    # From ln(151936) = 11.9 at the random init: the loss falls by about 0.7 in 6 steps.
+    assert len(losses) == 6 and sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.5
+    val = [(x["step"], x["val_loss"]) for x in lines if "val_loss" in x]
+    assert [step for step, _ in val] == [3, 6] and val[1][1] < val[0][1]
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
-    assert recipe["train"]["max_steps"] == 12
+    assert recipe["train"]["max_steps"] == 6
     model = AutoModelForImageTextToText.from_pretrained(out / "final")
     assert model.config.model_type == "qwen2_5_vl"

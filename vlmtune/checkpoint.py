@@ -296,10 +296,12 @@ class Checkpoints:
 
     def save(self, recipe: Recipe, run: RunState, model, optimizer, scheduler, sampler, metrics) -> Path:
         """Write the checkpoint of step `run.step` atomically, then apply ``keep``. Returns its folder."""
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            from vlmtune.parallel import save_sharded  # every rank writes its shards (torch.distributed.checkpoint)
+        if torch.distributed.is_initialized():
+            from vlmtune.parallel import save_sharded, sharded_weights
 
-            return save_sharded(self, recipe, run, model, optimizer, scheduler, sampler, metrics)
+            # Every rank writes its shards (torch.distributed.checkpoint); FSDP2 on one GPU holds DTensors too.
+            if torch.distributed.get_world_size() > 1 or sharded_weights(model):
+                return save_sharded(self, recipe, run, model, optimizer, scheduler, sampler, metrics)
         final = self.directory / f"step-{run.step:06d}"
         if not self.writer:
             return final

@@ -77,6 +77,15 @@ class TrainConfig(_Strict):
     # After the first step's backward: every trainable parameter got a gradient, every frozen one none.
     check_gradients: bool = True
     max_bad_steps: int = Field(default=5, ge=1)  # stop after this many NaN/inf-loss steps in a row (each skipped)
+    # Padding-free: the samples of a micro-batch go into one row, each with its own positions, attention kept
+    # within each sample (vlmtune/packing.py). Families where that cannot be exact refuse it.
+    packing: bool = False
+    # Token budget per micro-batch (image tokens count): each step's samples are regrouped by length into
+    # micro-batches of at most this many tokens (padded size when not packing). None: micro_batch_size samples.
+    micro_batch_tokens: int | None = Field(default=None, ge=8)
+    # Loss over chunks of this many supervised tokens, gradients computed chunk by chunk, so full-vocabulary
+    # logits exist for one chunk at a time (vlmtune/loss.py). None: one logits tensor for all supervised tokens.
+    loss_chunk_tokens: int | None = Field(default=1024, ge=1)
 
     @model_validator(mode="after")
     def _batch_sizes(self) -> TrainConfig:
@@ -87,6 +96,9 @@ class TrainConfig(_Strict):
             )
         if self.max_steps is None and self.epochs is None:
             raise ValueError("set train.max_steps or train.epochs")
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < self.max_length:
+            raise ValueError(f"micro_batch_tokens ({self.micro_batch_tokens}) must be at least max_length "
+                             f"({self.max_length}), so that every sample fits in a micro-batch")
         return self
 
 

@@ -1,18 +1,19 @@
 """Several processes (``torchrun``): the process group, FSDP2 / DDP, activation checkpointing, the final save.
 
-Recipe keys (``distributed.*``, read only when ``WORLD_SIZE`` > 1, see docs/distributed.md)
------------------------------------------------------------------------------------------
-``strategy`` (``fsdp2`` | ``ddp`` | ``none``, default: fsdp2 when the world size > 1)
+Recipe keys (``distributed.*``, read when ``WORLD_SIZE`` > 1 or the strategy is named, see docs/distributed.md)
+-------------------------------------------------------------------------------------------------------------
+``strategy`` (``fsdp2`` | ``ddp`` | ``none``, default: fsdp2 when the world size > 1, else none)
     fsdp2: every decoder layer, the vision tower (one unit) and the root are ``fully_shard``-ed, so parameters,
     gradients and optimizer state are split over ranks. ddp: each rank holds the whole model, gradients are
-    all-reduced. none: refused with several processes (the ranks would train unrelated copies).
+    all-reduced. none: refused with several processes (the ranks would train unrelated copies). Named fsdp2 / ddp
+    under torchrun with one process: a process group of one, and that strategy (FSDP2 on one GPU).
 ``dp_replicate`` / ``dp_shard`` (default 1 / world size): HSDP on a 2-D DeviceMesh, parameters sharded within a
     group of ``dp_shard`` ranks (e.g. one node) and replicated across ``dp_replicate`` groups.
 ``cpu_offload`` (default false): FSDP2 keeps parameters, gradients and optimizer state in CPU memory.
 ``activation_checkpointing`` (``none`` | ``language`` | ``vision`` | ``all``): recompute the activations of each
     decoder layer / vision block of those parts in the backward instead of storing them.
 ``find_unused_parameters`` (default false): DDP only; needed when a trainable parameter gets no gradient in some
-    step, e.g. a trained vision tower with text-only rows in the data.
+    step, e.g. MoE experts no token was routed to (text-only micro-batches get a vision filler row, see batching.py).
 ``timeout_s`` (default 600): every collective (and the process-group start) fails after this long, so a rank that
     died or hangs makes the others exit with an error instead of waiting forever.
 
@@ -65,11 +66,18 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_by_torchrun() -> bool:
+    """torchrun's rendezvous variables are set (with any number of processes, one included)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
 @contextlib.contextmanager
-def process_group(timeout_s: float = 600.0, device: str = "auto") -> Iterator[None]:
-    """Start the process group from torchrun's environment (gloo on CPU, nccl on CUDA) when WORLD_SIZE > 1 and
-    none is running; destroy it at the end. A group started by the caller is left alone."""
-    if env_world_size() <= 1 or not dist.is_available() or dist.is_initialized():
+def process_group(timeout_s: float = 600.0, device: str = "auto", strategy: str | None = None) -> Iterator[None]:
+    """Start the process group from torchrun's environment (gloo on CPU, nccl on CUDA) when WORLD_SIZE > 1, or
+    with one process when `strategy` is fsdp2 / ddp (e.g. FSDP2 on one GPU), and none is running; destroy it at
+    the end. A group started by the caller is left alone; without torchrun nothing is started."""
+    wanted = env_world_size() > 1 or (strategy in ("fsdp2", "ddp") and launched_by_torchrun())
+    if not wanted or not dist.is_available() or dist.is_initialized():
         yield
         return
     cuda = device != "cpu" and torch.cuda.is_available()
@@ -86,8 +94,10 @@ def process_group(timeout_s: float = 600.0, device: str = "auto") -> Iterator[No
 
 
 def resolve_strategy(dcfg, world_size: int) -> str:
-    """'none' in one process; else the recipe's strategy (default fsdp2), checked against the world size."""
-    if world_size == 1:
+    """The recipe's strategy (default fsdp2), checked against the world size. One process: 'none', unless the
+    recipe names fsdp2 / ddp and a process group is running (torchrun, see process_group)."""
+    group = dist.is_available() and dist.is_initialized()
+    if world_size == 1 and not (group and dcfg.strategy in ("fsdp2", "ddp")):
         return "none"
     strategy = dcfg.strategy or "fsdp2"
     if strategy == "none":
@@ -98,6 +108,17 @@ def resolve_strategy(dcfg, world_size: int) -> str:
         raise DistributedError(f"distributed.dp_replicate ({dcfg.dp_replicate}) x dp_shard ({shard}) must equal "
                                f"the world size ({world_size})")
     return strategy
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest `value` of any rank (the value itself without a process group). NCCL reduces CUDA tensors
+    only, gloo CPU ones."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    cuda = dist.get_backend() == "nccl"
+    t = torch.tensor([value], device=torch.device("cuda", torch.cuda.current_device()) if cuda else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def grad_scale(strategy: str, world_size: int) -> float:
@@ -187,8 +208,8 @@ def parallelize(model: torch.nn.Module, family: Family, dcfg, strategy: str,
     kwargs = {"mesh": mesh}
     if device.type == "cuda":  # bf16 compute, fp32 gradient reduction; fp32 master weights stay in the optimizer
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    if dcfg.cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+    if dcfg.cpu_offload:  # pinned memory needs CUDA; on CPU (tests) the same code path runs unpinned
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
     # The loop never changes the model's outputs in place, which is what this warning is about.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     # Frozen parameters are sharded like the others (1/N of their memory per rank) and never get gradients or
@@ -208,6 +229,8 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     local = torch.stack([torch.linalg.vector_norm(g.to_local(), dtype=torch.float32) for g in grads])
     sq = (local.double() ** 2).sum()
+    if dist.get_backend() == "nccl":  # cpu_offload keeps gradients on the CPU; NCCL reduces CUDA tensors only
+        sq = sq.to(torch.device("cuda", torch.cuda.current_device()))
     dist.all_reduce(sq)  # shards are disjoint over the (shard) group; replicas would count twice, see below
     replicate = grads[0].device_mesh.size() // grads[0].device_mesh.size(-1) if grads[0].device_mesh.ndim > 1 else 1
     total = float((sq / replicate).sqrt())
@@ -368,6 +391,13 @@ def save_sharded(ckpts, recipe, run, model, optimizer, scheduler, sampler, metri
         ckpts.prune()
     dist.barrier()
     return final
+
+
+def sharded_weights(model: torch.nn.Module) -> bool:
+    """FSDP2 holds the weights as DTensors, on one process too: their checkpoint must be the sharded one."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def load_sharded(path: Path, state: dict, model, optimizer, scheduler, sampler) -> dict:

@@ -28,6 +28,7 @@ import torch
 
 from vlmtune.config import ModelConfig, PeftConfig
 from vlmtune.families import Family, family_for, part_of
+from vlmtune.parallel import max_over_ranks
 
 PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the wrapped model's parameter names
 ADAPTED_PARTS_SWITCH = {"vision_tower": "peft.vision", "projector": "peft.projector",
@@ -317,7 +318,10 @@ class GradientCheck:
     def __call__(self, model: torch.nn.Module, step_batches: Sequence[dict]) -> None:
         if not self.pending or not step_batches:
             return
-        images = any(k.startswith("pixel_values") for b in step_batches for k in b)
+        # A vision filler row (vlmtune/batching.py) carries images but trains nothing: count real samples.
+        images = any(b.get("vision_samples", any(k.startswith("pixel_values") for k in b)) for b in step_batches)
+        # Looking at an FSDP2 gradient is a collective: every rank must check the same parameters.
+        images = bool(max_over_ranks(int(images)))
         params = dict(model.named_parameters())
         now = [n for n in params if n in self.pending
                and (images or param_part(n, self.family) not in VISION_PARTS or not params[n].requires_grad)]

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from vlmtune.batching import Batcher, check_packing, filler_sample, padding_tokens, rope_index_module
 from vlmtune.checkpoint import (
     Checkpoints,
     RunState,
@@ -32,10 +32,11 @@ from vlmtune.checkpoint import (
     read_state,
     truncate_metrics,
 )
-from vlmtune.collate import IGNORE, SampleEncoder, collate
+from vlmtune.collate import IGNORE, Encoded, SampleEncoder, Skipped
 from vlmtune.config import Recipe, recipe_to_yaml
 from vlmtune.data.dataset import EpochSampler, SFTDataset
 from vlmtune.data.formats import DataError
+from vlmtune.loss import NON_MODEL_KEYS, loss_sum  # noqa: F401  (tests import both from here)
 from vlmtune.metrics import Metrics
 from vlmtune.model import apply_freeze, autocast_dtype, load_model, pick_device
 from vlmtune.parallel import (
@@ -48,8 +49,6 @@ from vlmtune.parallel import (
     sync_context,
 )
 from vlmtune.peft import GradientCheck, apply_lora, param_groups, quantization_config
-
-NON_MODEL_KEYS = ("labels", "skipped", "indices")
 
 
 class TrainingError(RuntimeError):
@@ -98,27 +97,29 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype, cast_keys: 
     return out
 
 
-def loss_sum(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """Sum (not mean) of next-token losses over the supervised tokens of one micro-batch.
-
-    Only positions that predict a supervised token get logits (``logits_to_keep``), so the full
-    sequence x vocabulary logits are never built.
-    """
-    targets = batch["labels"][:, 1:]
-    keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(1)
-    inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
-    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), targets[:, keep].flatten(), ignore_index=IGNORE,
-                           reduction="sum")
-
-
-def micro_batches(loader_for_epoch, sampler: EpochSampler) -> Iterator[dict]:
-    """Endless micro-batches; (sampler.epoch, sampler.offset) always points at the next unseen sample."""
+def loader_batches(loader_for_epoch, sampler: EpochSampler) -> Iterator[list[Encoded | Skipped]]:
+    """Endless lists of loaded samples; (sampler.epoch, sampler.offset) always points at the next unseen one."""
     while True:
-        for batch in loader_for_epoch():
-            sampler.offset += len(batch["indices"]) + len(batch["skipped"])
-            yield batch
+        for items in loader_for_epoch():
+            sampler.offset += len(items)
+            yield items
         sampler.epoch, sampler.offset = sampler.epoch + 1, 0
+
+
+def loader_kwargs(recipe: Recipe) -> dict:
+    # Workers decode and process samples; the main process groups, pads or packs them (it needs the counts).
+    return dict(batch_size=recipe.train.micro_batch_size, collate_fn=list, num_workers=recipe.data.num_workers,
+                persistent_workers=False, worker_init_fn=ignore_stop_signals)
+
+
+def train_stream(train_ds: SFTDataset, recipe: Recipe, rank: int = 0,
+                 world_size: int = 1) -> tuple[EpochSampler, Iterator[list[Encoded | Skipped]]]:
+    """This rank's resumable sampler and the endless stream of loaded samples the loop draws from
+    (bench/data_path.py times this stream alone)."""
+    sampler = EpochSampler(len(train_ds), recipe.train.seed, rank, world_size)
+    loaded = loader_batches(lambda: DataLoader(train_ds, sampler=sampler, generator=loader_generator(
+        recipe.train.seed, sampler.epoch), **loader_kwargs(recipe)), sampler)
+    return sampler, loaded
 
 
 def loader_generator(seed: int, epoch: int) -> torch.Generator:
@@ -128,18 +129,18 @@ def loader_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def validate(model, loader: DataLoader, device, dtype, cast_keys, amp, max_batches: int | None) -> tuple[float, int]:
+def validate(model, loader: DataLoader, batcher: Batcher, chunk_tokens: int | None, device, dtype, cast_keys, amp,
+             max_batches: int | None) -> tuple[float, int]:
     model.eval()
     total, count = 0.0, 0
-    for i, batch in enumerate(loader):
+    for i, items in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        if not batch["indices"]:
-            continue
-        batch = to_device(batch, device, dtype, cast_keys)
-        with amp():
-            total += float(loss_sum(model, batch))
-        count += int((batch["labels"][:, 1:] != IGNORE).sum())
+        for batch in batcher([it for it in items if isinstance(it, Encoded)]):
+            batch = to_device(batch, device, dtype, cast_keys)
+            with amp():
+                total += float(loss_sum(model, batch, chunk_tokens))
+            count += int((batch["labels"][:, 1:] != IGNORE).sum())
     model.train()
     total, count = all_reduce_sum(total, device), int(all_reduce_sum(count, device))
     return (total / count if count else float("nan")), count
@@ -161,7 +162,8 @@ def save_final(model, processor, out: Path) -> Path:
 def finetune(recipe: Recipe) -> Path:
     """Train; returns the final model folder, or the checkpoint folder when SIGTERM / SIGINT stopped the run."""
     # Under torchrun (WORLD_SIZE > 1) the process group lives as long as the run; see vlmtune/parallel.py.
-    with process_group(recipe.distributed.timeout_s, recipe.train.device), StopSignals() as stop:
+    with process_group(recipe.distributed.timeout_s, recipe.train.device, recipe.distributed.strategy), \
+            StopSignals() as stop:
         return _finetune(recipe, stop)
 
 
@@ -197,16 +199,17 @@ def _finetune(recipe: Recipe, stop: StopSignals) -> Path:
     pad_id = processor.tokenizer.pad_token_id
     if pad_id is None:
         pad_id = processor.tokenizer.eos_token_id
-    collate_fn = partial(collate, pad_id=pad_id)
-    loader_kw = dict(batch_size=tcfg.micro_batch_size, collate_fn=collate_fn, num_workers=cfg.data.num_workers,
-                     pin_memory=device.type == "cuda", persistent_workers=False, worker_init_fn=ignore_stop_signals)
-    sampler = EpochSampler(len(train_ds), tcfg.seed, rank, world_size)
-    batches = micro_batches(lambda: DataLoader(train_ds, sampler=sampler, generator=loader_generator(
-        tcfg.seed, sampler.epoch), **loader_kw), sampler)
+    if tcfg.packing:
+        check_packing(family)
+    batcher = Batcher(pad_id, tcfg.micro_batch_size, tcfg.micro_batch_tokens, tcfg.packing,
+                      rope_index_module(model) if tcfg.packing else None,
+                      filler_sample(encoder) if world_size > 1 else None)
+    sampler, loaded = train_stream(train_ds, cfg, rank, world_size)
     val_loader = None
     if val_ds is not None:
         val_sampler = EpochSampler(len(val_ds), tcfg.seed, rank, world_size, shuffle=False)
-        val_loader = DataLoader(val_ds, sampler=val_sampler, generator=loader_generator(tcfg.seed, -1), **loader_kw)
+        val_loader = DataLoader(val_ds, sampler=val_sampler, generator=loader_generator(tcfg.seed, -1),
+                                **loader_kwargs(cfg))
 
     accum = tcfg.global_batch_size // (tcfg.micro_batch_size * world_size)
     if accum < 1 or tcfg.global_batch_size % (tcfg.micro_batch_size * world_size):
@@ -242,7 +245,8 @@ def _finetune(recipe: Recipe, stop: StopSignals) -> Path:
         truncate_metrics(metrics.path, 0)  # a fresh run: no lines of an earlier one in this output_dir
 
     cast_keys = family.cast_to_model_dtype
-    val_args = (model, val_loader, device, weights_dtype, cast_keys, amp, tcfg.val_max_batches)
+    val_args = (model, val_loader, batcher, tcfg.loss_chunk_tokens, device, weights_dtype, cast_keys, amp,
+                tcfg.val_max_batches)
     if run.pending_validation and val_loader is not None:  # stopped by a signal before this validation ran
         with preserve_rng():
             run.last_val, n = validate(*val_args)
@@ -252,21 +256,22 @@ def _finetune(recipe: Recipe, stop: StopSignals) -> Path:
     for step in range(run.step + 1, total_steps + 1):
         t0 = time.perf_counter()
         # Fetch the whole step first: the loss is normalised by the step's supervised-token count.
-        step_batches = [next(batches) for _ in range(accum)]
-        for b in step_batches:
-            metrics.count(len(b["indices"]) + len(b["skipped"]), b["skipped"])
-        step_batches = [b for b in step_batches if b["indices"]]
-        n_sup = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in step_batches)
-        n_tok = sum(int(b["attention_mask"].sum()) for b in step_batches)
-        global_sup = all_reduce_sum(n_sup, device)
+        items = [it for _ in range(accum) for it in next(loaded)]
+        metrics.count(len(items), [it for it in items if isinstance(it, Skipped)])
         check_bad_fraction(metrics, cfg.data.max_bad_fraction, len(train_ds))
+        samples = [it for it in items if isinstance(it, Encoded)]
+        step_batches = batcher(samples)
+        n_sup = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in step_batches)
+        n_tok = sum(s.length for s in samples)
+        n_pad = sum(padding_tokens(b) for b in step_batches)
+        global_sup = all_reduce_sum(n_sup, device)
 
         step_loss = 0.0
         for i, b in enumerate(step_batches):
             b = to_device(b, device, weights_dtype, cast_keys)
             with sync_context(forward_model, last=i == len(step_batches) - 1):
                 with amp():
-                    loss = loss_sum(forward_model, b) / max(global_sup, 1)
+                    loss = loss_sum(forward_model, b, tcfg.loss_chunk_tokens) / max(global_sup, 1)
                 (loss * loss_factor).backward()
             step_loss += float(loss.detach())
         step_loss = all_reduce_sum(step_loss, device)
@@ -285,9 +290,11 @@ def _finetune(recipe: Recipe, stop: StopSignals) -> Path:
         run.nonfinite_steps += not finite
 
         elapsed = time.perf_counter() - t0
-        record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                  "tokens": int(all_reduce_sum(n_tok, device)), "supervised_tokens": int(global_sup),
-                  "tokens_per_s": all_reduce_sum(n_tok, device) / elapsed, "epoch": sampler.epoch}
+        global_tok, global_pad = all_reduce_sum(n_tok, device), all_reduce_sum(n_pad, device)
+        record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(global_tok),
+                  "supervised_tokens": int(global_sup), "tokens_per_s": global_tok / elapsed,
+                  "padding_fraction": global_pad / max(1.0, global_tok + global_pad),
+                  "micro_batches": len(step_batches), "epoch": sampler.epoch}
         if not finite:
             record.update(skipped_nonfinite=True, nonfinite_steps=run.nonfinite_steps)
         metrics.step(record, print_line=step % tcfg.log_every_steps == 0 or step == 1)

@@ -29,9 +29,14 @@ def all_specs() -> dict[str, TinySpec]:
 
 
 def build(name: str, root: Path) -> Path:
-    """Build (once) the tiny model `name` under `root` and return its folder."""
+    """Build (once) the tiny model `name` under `root` and return its folder. Safe to call from several processes
+    at once (pytest-xdist workers): a file lock beside the folder serialises the build."""
+    from filelock import FileLock
+
     spec = all_specs()[name]
     out = Path(root) / name
-    if not (out / "config.json").is_file():
-        spec.build(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not (out / "config.json").is_file():
+            spec.build(out)
     return out

@@ -1,0 +1,154 @@
+"""Packing and token-budget batching (vlmtune/batching.py): packed logits and losses equal the padded ones for
+every family that accepts packing, the refusal is warranted where it refuses, and whole runs do not change."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from tiny import all_specs, build
+
+from conftest import small_recipe
+from vlmtune.batching import PackingError, check_packing, equalize, group, micro_batch, rope_index_module
+from vlmtune.collate import IGNORE, SampleEncoder
+from vlmtune.config import ModelConfig, build_recipe
+from vlmtune.model import load_model
+from vlmtune.train import NON_MODEL_KEYS, finetune, loss_sum, to_device
+
+SPECS = all_specs()
+NAMES = sorted(SPECS)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny-packing")
+
+
+def turn(role, *parts):
+    return {"role": role, "content": list(parts)}
+
+
+def text(t):
+    return {"type": "text", "text": t}
+
+
+def picture(colour, size=(64, 48)):
+    return {"type": "image", "image": Image.new("RGB", size, colour)}
+
+
+def conversations(spec) -> list[list[dict]]:
+    """Three samples of different lengths: one image; two images (or one of another shape) over two turns;
+    text only, or a video, or one image."""
+    second = [picture("blue"), picture("green", (48, 64))] if spec.multi_image else [picture("green", (48, 64))]
+    if spec.text_only:
+        third = [text("Say hi.")]
+    elif spec.video:
+        third = [{"type": "video", "video": [Image.new("RGB", (64, 64), "red")] * 4}, text("What moves?")]
+    else:
+        third = [picture("yellow"), text("Colour?")]
+    return [
+        [turn("user", picture("red"), text("What colour?")), turn("assistant", text("Red."))],
+        [turn("user", *second, text("Compare them.")), turn("assistant", text("Blue, then green, both small.")),
+         turn("user", text("Sure?")), turn("assistant", text("Yes."))],
+        [turn("user", *third), turn("assistant", text("Hi there, nothing else."))],
+    ]
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_packed_logits_and_loss_equal_padded(name, tiny_root):
+    spec = SPECS[name]
+    model, processor, family = load_model(ModelConfig(name_or_path=str(build(name, tiny_root))), CPU)
+    model.eval()
+    encoder = SampleEncoder(processor, family, max_length=4096)
+    samples = [encoder(c, i) for i, c in enumerate(conversations(spec))]
+    assert len({s.length for s in samples}) == 3  # the padded batch really pads
+    pad = processor.tokenizer.pad_token_id
+    pad = processor.tokenizer.eos_token_id if pad is None else pad
+    cast = family.cast_to_model_dtype
+    padded = to_device(micro_batch(samples, pad), CPU, torch.float32, cast)
+    packed = to_device(micro_batch(samples, pad, packed=True, rope=rope_index_module(model)), CPU, torch.float32,
+                       cast)
+    assert packed["input_ids"].shape == (1, sum(s.length for s in samples)) and "attention_mask" not in packed
+    with torch.no_grad():
+        want = model(**model_inputs(padded), use_cache=False).logits[padded["attention_mask"].bool()]
+        got = model(**model_inputs(packed), use_cache=False).logits[0]
+        loss_padded, loss_packed = float(loss_sum(model, padded)), float(loss_sum(model, packed))
+    if family.no_packing:
+        with pytest.raises(PackingError, match=r"train\.packing"):
+            check_packing(family)
+        # The refusal is warranted: if this starts to hold, packing became exact and the refusal can go.
+        assert not torch.allclose(got, want, atol=1e-4)
+        return
+    check_packing(family)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert loss_packed == pytest.approx(loss_padded, rel=1e-5)
+
+
+def test_packed_labels_never_cross_samples(encoder, cord_dir):
+    from vlmtune.config import DataSource
+    from vlmtune.data.dataset import SFTDataset
+
+    ds = SFTDataset(DataSource(source=str(cord_dir), format="cord_v2"), encoder, "data.train")
+    samples = [ds[i] for i in range(3)]
+    packed = micro_batch(samples, 151643, packed=True)
+    starts = torch.tensor([0, *torch.tensor([s.length for s in samples]).cumsum(0)[:-1].tolist()])
+    assert (packed["labels"][0, starts] == IGNORE).all()  # no sample's first token is a target of the one before
+    assert (packed["position_ids"][0, starts] == 0).all()
+    n_sup = sum(int((s.tensors["labels"][1:] != IGNORE).sum()) for s in samples)
+    assert int((packed["labels"][0, 1:] != IGNORE).sum()) == n_sup
+
+
+def test_group_by_token_budget():
+    lengths = [300, 50, 200, 120, 80, 500, 40]
+    for packed in (True, False):
+        groups = group(lengths, size=2, budget=600, packed=packed)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        for g in groups:
+            cost = sum(lengths[i] for i in g) if packed else max(lengths[i] for i in g) * len(g)
+            assert cost <= 600 or len(g) == 1
+    assert len(group(lengths, 2, 600, packed=True)) == 3  # 500+80 | 300+200+50+40 | 120
+    assert group(lengths, 3, None, packed=False) == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_equalize_splits_then_fills():
+    assert sorted(map(len, equalize([[0, 1, 2, 3]], 3))) == [1, 1, 2]
+    assert equalize([[0]], 3) == [[0], [], []]
+    assert equalize([], 2) == [[], []]
+
+
+def test_qwen3_5_packing_is_refused_with_a_clear_message():
+    from vlmtune.families import family_for
+
+    with pytest.raises(PackingError, match=r"Gated DeltaNet.*train\.packing=false"):
+        check_packing(family_for("qwen3_5_moe"))
+
+
+def losses(out) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+
+def test_packing_and_token_budget_do_not_change_the_run(tiny_model_dir, cord_dir, tmp_path):
+    """Same data, same steps: padded micro-batches of 2, packed micro-batches, and token-budget batches (packed
+    and padded) give the same per-step losses; packing removes all padding."""
+    runs = {"padded": {}, "packed": {"packing": True}, "budget_packed": {"packing": True, "micro_batch_tokens": 1500},
+            "budget_padded": {"micro_batch_tokens": 1500}}
+    results = {}
+    for name, extra in runs.items():
+        t = small_recipe(tiny_model_dir, cord_dir, tmp_path / name, max_steps=2, micro_batch_size=2,
+                         global_batch_size=4, **extra)
+        del t["data"]["validation"]
+        finetune(build_recipe(t))
+        results[name] = losses(tmp_path / name)
+    base = [r["loss"] for r in results["padded"]]
+    for name, rows in results.items():
+        assert [r["loss"] for r in rows] == pytest.approx(base, abs=1e-5), name
+    assert all(r["padding_fraction"] > 0 for r in results["padded"])
+    assert all(r["padding_fraction"] == 0 for r in results["packed"] + results["budget_packed"])
+    assert all(r["micro_batches"] == 2 for r in results["packed"])

@@ -1,0 +1,170 @@
+"""A step's samples -> its micro-batches: grouping (fixed size or token budget), the same count on every rank,
+a vision filler row when several ranks run, and padding-free packing.
+
+Packing puts a micro-batch's samples into one row. Each sample keeps the positions it would have had alone
+(for the Qwen families the 3-D mRoPE positions the model's own ``get_rope_index`` computes, plus a leading row
+of 1-D text positions, the layout transformers reads as "packed"), and no ``attention_mask`` is passed, so
+transformers builds a block-diagonal causal mask from the positions (varlen flash attention on CUDA): attention
+never crosses samples. Labels never cross either: each sample's first token is never a target.
+tests/test_packing.py checks, per family, that packed logits and losses equal the padded ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from vlmtune.collate import IGNORE, Encoded, collate
+from vlmtune.families import Family
+from vlmtune.parallel import max_over_ranks
+
+VISION_PREFIX = "pixel_values"
+
+
+class PackingError(ValueError):
+    """train.packing was asked for a model where it cannot be exact."""
+
+
+def check_packing(family: Family) -> None:
+    if family.no_packing:
+        raise PackingError(f"train.packing=true is not supported for {family.name} models: {family.no_packing}. "
+                           "Set train.packing=false (train.micro_batch_tokens still keeps padding low).")
+
+
+def has_vision(sample: Encoded) -> bool:
+    return any(k.startswith(VISION_PREFIX) for k in sample.tensors)
+
+
+def group(lengths: Sequence[int], size: int, budget: int | None, packed: bool) -> list[list[int]]:
+    """Indices of the step's samples, grouped into micro-batches.
+
+    No budget: runs of `size` samples in order. A budget: first-fit by decreasing length, a micro-batch costing
+    the sum of its lengths when packed, else rows x its longest (the padded size), so batches come out full.
+    """
+    if budget is None:
+        return [list(range(i, min(i + size, len(lengths)))) for i in range(0, len(lengths), size)]
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for g in groups:
+            cost = sum(lengths[j] for j in g) + lengths[i] if packed else lengths[g[0]] * (len(g) + 1)
+            if cost <= budget:
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
+def equalize(groups: list[list[int]], count: int) -> list[list[int]]:
+    """Split the largest micro-batches until there are `count` (the most any rank has): FSDP / DDP collectives
+    need every rank to run the same number of forwards. A rank out of samples gets empty ones (filler only)."""
+    groups = [list(g) for g in groups]
+    while len(groups) < count:
+        biggest = max(groups, key=len, default=[])
+        if len(biggest) < 2:
+            groups.append([])
+            continue
+        groups.remove(biggest)
+        half = len(biggest) // 2
+        groups += [biggest[:half], biggest[half:]]
+    return groups
+
+
+def filler_sample(encoder) -> Encoded:
+    """A tiny one-image sample that trains nothing: added to micro-batches without images when several ranks
+    run, so every rank runs the vision tower (an FSDP2 unit; DDP with a trained tower) in every forward."""
+    import PIL.Image
+
+    image = PIL.Image.new("RGB", (64, 64), (128, 128, 128))
+    conversation = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "."}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": "."}]}]
+    sample = encoder(conversation, -1)
+    sample.tensors["labels"] = torch.full_like(sample.tensors["labels"], IGNORE)
+    return sample
+
+
+def micro_batch(samples: list[Encoded], pad_id: int, filler: Encoded | None = None, packed: bool = False,
+                rope: torch.nn.Module | None = None) -> dict:
+    """Collate one micro-batch, packed into one row if `packed` (`rope`: see :func:`rope_index_module`);
+    `filler` is added when no sample has images. ``vision_samples`` counts the real samples with images."""
+    vision = sum(has_vision(s) for s in samples)
+    rows = [*samples, filler] if filler is not None and not vision else list(samples)
+    batch = collate(rows, pad_id)
+    batch["indices"] = [s.index for s in samples]
+    batch["vision_samples"] = vision
+    return pack(batch, rope) if packed else batch
+
+
+@dataclass
+class Batcher:
+    """Loaded samples -> the micro-batches one rank runs: grouped by count or token
+    budget, as many on every rank (all-reduced), packed or padded, with a vision filler row when distributed."""
+
+    pad_id: int
+    size: int
+    budget: int | None
+    packed: bool
+    rope: torch.nn.Module | None
+    filler: Encoded | None
+
+    def __call__(self, samples: list[Encoded]) -> list[dict]:
+        groups = group([s.length for s in samples], self.size, self.budget, self.packed)
+        groups = equalize(groups, max_over_ranks(len(groups)))
+        return [micro_batch([samples[i] for i in g], self.pad_id, self.filler, self.packed, self.rope)
+                for g in groups]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Packing
+
+
+def rope_index_module(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The module whose ``get_rope_index`` computes mRoPE positions (Qwen families), or None (1-D positions)."""
+    for module in model.modules():
+        if callable(getattr(module, "get_rope_index", None)):
+            return module
+    return None
+
+
+def padded_positions(batch: dict, rope: torch.nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(text positions (B, W), mRoPE positions (3, B, W) or None) of a right-padded batch, as the model
+    would compute them for it."""
+    mask = batch["attention_mask"]
+    text = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    if rope is None:
+        return text, None
+    if not any(k in batch for k in ("image_grid_thw", "video_grid_thw")):  # text only: 1-D positions x 3
+        return text, text.unsqueeze(0).expand(3, -1, -1)
+    params = inspect.signature(rope.get_rope_index).parameters
+    kwargs = {k: v for k, v in batch.items() if k in params and k != "input_ids"}
+    with torch.no_grad():
+        mrope, _ = rope.get_rope_index(batch["input_ids"], **kwargs)
+    return text, mrope
+
+
+def pack(batch: dict, rope: torch.nn.Module | None = None) -> dict:
+    """One row holding every sample of a padded `batch`, without its padding."""
+    text, mrope = padded_positions(batch, rope)
+    keep = batch["attention_mask"].bool()
+    width = batch["attention_mask"].shape[1]
+    out = {}
+    for key, value in batch.items():
+        if key == "attention_mask":
+            continue
+        if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[1] == width and \
+                value.shape[0] == keep.shape[0]:
+            value = value[keep].unsqueeze(0)
+        out[key] = value
+    flat_text = text[keep].unsqueeze(0)
+    out["labels"] = out["labels"].masked_fill(flat_text == 0, IGNORE)  # a sample's first token: no target
+    out["position_ids"] = flat_text if mrope is None else torch.cat([flat_text[None], mrope[:, keep][:, None]])
+    return out
+
+
+def padding_tokens(batch: dict) -> int:
+    """Pad positions in a micro-batch (0 when packed)."""
+    mask = batch.get("attention_mask")
+    return 0 if mask is None else int(mask.numel() - mask.sum())
