@@ -18,8 +18,8 @@ from vlmtune.cli import main
 from vlmtune.config import ModelConfig, build_recipe
 from vlmtune.data.dataset import SFTDataset
 from vlmtune.generate import Generator, load_for_inference, split_conversation
+from vlmtune.loss import NON_MODEL_KEYS
 from vlmtune.model import load_model
-from vlmtune.train import NON_MODEL_KEYS
 
 CPU = torch.device("cpu")
 ANSWERS = ["A cat.", "Total: 12,000", "Nothing here", "Two lines\nof text"]

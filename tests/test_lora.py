@@ -19,6 +19,7 @@ from vlmtune.cli import main
 from vlmtune.collate import collate
 from vlmtune.config import FreezeConfig, ModelConfig, PeftConfig, RecipeError, build_recipe
 from vlmtune.families import family_for
+from vlmtune.loss import NON_MODEL_KEYS, loss_sum
 from vlmtune.model import load_model
 from vlmtune.peft import (
     AdapterError,
@@ -30,7 +31,6 @@ from vlmtune.peft import (
     param_part,
     quantization_config,
 )
-from vlmtune.train import NON_MODEL_KEYS, loss_sum
 
 FAMILY = family_for("qwen2_5_vl")
 CPU = torch.device("cpu")

@@ -8,23 +8,19 @@ import json
 import pytest
 import torch
 from PIL import Image
-from tiny import all_specs, build
+from tiny import all_specs
 
 from conftest import small_recipe
 from vlmtune.batching import PackingError, check_packing, equalize, group, micro_batch, rope_index_module
 from vlmtune.collate import IGNORE, SampleEncoder
 from vlmtune.config import ModelConfig, build_recipe
+from vlmtune.loss import NON_MODEL_KEYS, loss_sum
 from vlmtune.model import load_model
-from vlmtune.train import NON_MODEL_KEYS, finetune, loss_sum, to_device
+from vlmtune.train import finetune, to_device
 
 SPECS = all_specs()
 NAMES = sorted(SPECS)
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("tiny-packing")
 
 
 def turn(role, *parts):
@@ -62,9 +58,9 @@ def model_inputs(batch: dict) -> dict:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_packed_logits_and_loss_equal_padded(name, tiny_root):
+def test_packed_logits_and_loss_equal_padded(name, tiny_model):
     spec = SPECS[name]
-    model, processor, family = load_model(ModelConfig(name_or_path=str(build(name, tiny_root))), CPU)
+    model, processor, family = load_model(ModelConfig(name_or_path=str(tiny_model(name))), CPU)
     model.eval()
     encoder = SampleEncoder(processor, family, max_length=4096)
     samples = [encoder(c, i) for i, c in enumerate(conversations(spec))]

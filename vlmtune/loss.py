@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from vlmtune.collate import IGNORE
 
-# Batch keys that are not model inputs (train.py's list; "vision_samples" comes with the batching work).
+# Batch keys that are not model inputs (vlmtune/batching.py adds the last two).
 NON_MODEL_KEYS = ("labels", "skipped", "indices", "vision_samples")
 PROBE_MAGNITUDE = 100.0  # largest probe logit: far into any soft-cap's flat part, so a cap shows at once
 PROBE_TOLERANCE = 0.02  # of the probe magnitude: bf16 rounding of logits near 100 is 0.5, a missed cap is > 50

@@ -36,7 +36,7 @@ from vlmtune.collate import IGNORE, Encoded, SampleEncoder, Skipped
 from vlmtune.config import Recipe, recipe_to_yaml
 from vlmtune.data.dataset import EpochSampler, SFTDataset
 from vlmtune.data.formats import DataError
-from vlmtune.loss import NON_MODEL_KEYS, loss_sum  # noqa: F401  (tests import both from here)
+from vlmtune.loss import loss_sum
 from vlmtune.metrics import Metrics
 from vlmtune.model import apply_freeze, autocast_dtype, load_model, pick_device
 from vlmtune.parallel import (
