@@ -10,8 +10,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 PY_VERSION=${PY_VERSION:-3.12}
+# fsspec: datasets 5.2 wants <= 2026.9. The machine's huggingface_hub (1.33) and tokenizers (0.23.2) suit
+# transformers 5.24; hub 2.x would need httpx2, which is not there.
 PACKAGES="transformers datasets peft pydantic pydantic_core annotated_types typing_inspection typing_extensions dill \
-multiprocess regex ${EXTRA:-}"
+multiprocess regex fsspec ${EXTRA:-}"
 PINS=$("$PY" - $PACKAGES <<'EOF'
 import importlib.metadata as md, sys
 print(" ".join(f"{name}=={md.version(name)}" for name in sys.argv[1:]))
