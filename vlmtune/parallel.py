@@ -110,13 +110,18 @@ def resolve_strategy(dcfg, world_size: int) -> str:
     return strategy
 
 
+def reduce_device() -> torch.device:
+    """Where a tensor must be for a collective: NCCL reduces CUDA tensors only, gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def max_over_ranks(value: int) -> int:
-    """The largest `value` of any rank (the value itself without a process group). NCCL reduces CUDA tensors
-    only, gloo CPU ones."""
+    """The largest `value` of any rank (the value itself without a process group)."""
     if not (dist.is_available() and dist.is_initialized()):
         return value
-    cuda = dist.get_backend() == "nccl"
-    t = torch.tensor([value], device=torch.device("cuda", torch.cuda.current_device()) if cuda else "cpu")
+    t = torch.tensor([value], device=reduce_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
 
@@ -229,8 +234,7 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     local = torch.stack([torch.linalg.vector_norm(g.to_local(), dtype=torch.float32) for g in grads])
     sq = (local.double() ** 2).sum()
-    if dist.get_backend() == "nccl":  # cpu_offload keeps gradients on the CPU; NCCL reduces CUDA tensors only
-        sq = sq.to(torch.device("cuda", torch.cuda.current_device()))
+    sq = sq.to(reduce_device())  # cpu_offload keeps gradients on the CPU, which NCCL cannot reduce
     dist.all_reduce(sq)  # shards are disjoint over the (shard) group; replicas would count twice, see below
     replicate = grads[0].device_mesh.size() // grads[0].device_mesh.size(-1) if grads[0].device_mesh.ndim > 1 else 1
     total = float((sq / replicate).sqrt())
