@@ -78,7 +78,7 @@ class TrainConfig(_Strict):
     check_gradients: bool = True
     max_bad_steps: int = Field(default=5, ge=1)  # stop after this many NaN/inf-loss steps in a row (each skipped)
     # Padding-free: the samples of a micro-batch go into one row, each with its own positions, attention kept
-    # within each sample (vlmtune/packing.py). Families where that cannot be exact refuse it.
+    # within each sample (vlmtune/batching.py). Families where that cannot be exact refuse it.
     packing: bool = False
     # Token budget per micro-batch (image tokens count): each step's samples are regrouped by length into
     # micro-batches of at most this many tokens (padded size when not packing). None: micro_batch_size samples.

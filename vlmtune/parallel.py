@@ -117,13 +117,22 @@ def reduce_device() -> torch.device:
     return torch.device("cpu")
 
 
-def max_over_ranks(value: int) -> int:
-    """The largest `value` of any rank (the value itself without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
+def _over_ranks(value: float, op) -> float:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return value
-    t = torch.tensor([value], device=reduce_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    t = torch.tensor([value], dtype=torch.float64, device=reduce_device())
+    dist.all_reduce(t, op=op)
+    return float(t.item())
+
+
+def sum_over_ranks(value: float) -> float:
+    """The sum of `value` over all ranks (the value itself in one process)."""
+    return _over_ranks(value, dist.ReduceOp.SUM)
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest `value` of any rank."""
+    return int(_over_ranks(value, dist.ReduceOp.MAX))
 
 
 def grad_scale(strategy: str, world_size: int) -> float:

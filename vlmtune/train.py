@@ -46,6 +46,7 @@ from vlmtune.parallel import (
     process_group,
     resolve_strategy,
     save_final_sharded,
+    sum_over_ranks,
     sync_context,
 )
 from vlmtune.peft import GradientCheck, apply_lora, param_groups, quantization_config
@@ -65,14 +66,6 @@ def world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def all_reduce_sum(value: float, device: torch.device) -> float:
-    if world()[1] == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return float(t.item())
 
 
 def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -142,7 +135,7 @@ def validate(model, loader: DataLoader, batcher: Batcher, chunk_tokens: int | No
                 total += float(loss_sum(model, batch, chunk_tokens))
             count += int((batch["labels"][:, 1:] != IGNORE).sum())
     model.train()
-    total, count = all_reduce_sum(total, device), int(all_reduce_sum(count, device))
+    total, count = sum_over_ranks(total), int(sum_over_ranks(count))
     return (total / count if count else float("nan")), count
 
 
@@ -264,7 +257,7 @@ def _finetune(recipe: Recipe, stop: StopSignals) -> Path:
         n_sup = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in step_batches)
         n_tok = sum(s.length for s in samples)
         n_pad = sum(padding_tokens(b) for b in step_batches)
-        global_sup = all_reduce_sum(n_sup, device)
+        global_sup = sum_over_ranks(n_sup)
 
         step_loss = 0.0
         for i, b in enumerate(step_batches):
@@ -274,7 +267,7 @@ def _finetune(recipe: Recipe, stop: StopSignals) -> Path:
                     loss = loss_sum(forward_model, b, tcfg.loss_chunk_tokens) / max(global_sup, 1)
                 (loss * loss_factor).backward()
             step_loss += float(loss.detach())
-        step_loss = all_reduce_sum(step_loss, device)
+        step_loss = sum_over_ranks(step_loss)
         grad_check(model, step_batches)  # first step (vision parts: first step with images); then a no-op
 
         max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm is not None else float("inf")
@@ -290,7 +283,7 @@ def _finetune(recipe: Recipe, stop: StopSignals) -> Path:
         run.nonfinite_steps += not finite
 
         elapsed = time.perf_counter() - t0
-        global_tok, global_pad = all_reduce_sum(n_tok, device), all_reduce_sum(n_pad, device)
+        global_tok, global_pad = sum_over_ranks(n_tok), sum_over_ranks(n_pad)
         record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(global_tok),
                   "supervised_tokens": int(global_sup), "tokens_per_s": global_tok / elapsed,
                   "padding_fraction": global_pad / max(1.0, global_tok + global_pad),
@@ -303,7 +296,7 @@ def _finetune(recipe: Recipe, stop: StopSignals) -> Path:
 
         val_due = val_loader is not None and ((tcfg.val_every_steps and step % tcfg.val_every_steps == 0)
                                               or step == total_steps)
-        if all_reduce_sum(float(stop.received is not None), device) > 0:  # SIGTERM / SIGINT: save and stop
+        if sum_over_ranks(float(stop.received is not None)) > 0:  # SIGTERM / SIGINT: save and stop
             run.pending_validation = bool(val_due)  # the resumed run validates first; the RNG is unaffected
             saved = ckpts.save(recipe, run, model, optimizer, scheduler, sampler, metrics)
             break
