@@ -231,6 +231,8 @@ def recipe_tree(spec: dict, run: dict) -> dict:
              "max_length": 4096, "log_every_steps": 5, "device": "cpu" if spec["smoke"] else "cuda"}
     if run["packing"]:
         train["packing"] = True
+    if run.get("kernels", "torch") != "torch":
+        train["kernels"] = run["kernels"]
     tree = {"output_dir": str(Path(spec["workdir"]) / "runs" / run["name"]),
             "model": {"name_or_path": spec["model_dir"], "dtype": spec["recipe_dtype"]},
             "data": {"train": {"source": spec["data_dir"], "format": "cord_v2", "split": "train"},
@@ -398,6 +400,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=None, help="model, data and runs (default /tmp/vlmtune-gpu-bench)")
     p.add_argument("--modes", default="full,lora", help="full and/or lora")
     p.add_argument("--packing", default="off,on", help="off and/or on (on: train.packing=true)")
+    p.add_argument("--kernels", default="torch", help="torch and/or liger (train.kernels; liger needs liger-kernel)")
+    p.add_argument("--only", default=None,
+                   help="only these planned runs, in this order (e.g. full-packing-on,full-packing-on-liger)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--exclude-steps", type=int, default=5, help="first steps left out of the throughput")
     p.add_argument("--micro-batch-size", type=int, default=4)
@@ -426,12 +431,12 @@ REQUIRED = {"torch": "2.6", "transformers": "5.20", "datasets": "4.0", "pydantic
             "pyarrow": "15", "yaml": None, "PIL": None, "torchvision": None}
 
 
-def check_environment(need_cuda: bool) -> list[str]:
+def check_environment(need_cuda: bool, kernels: list[str]) -> list[str]:
     """Problems that would stop the benchmark, each with what to do."""
     import importlib
 
     problems = []
-    for name, minimum in REQUIRED.items():
+    for name, minimum in {**REQUIRED, **({"liger_kernel": "0.8"} if "liger" in kernels else {})}.items():
         try:
             module = importlib.import_module(name)
         except Exception as e:
@@ -489,7 +494,7 @@ def main(argv=None) -> int:
         return child_main(*args.child[:1], Path(args.child[1]), Path(args.child[2]))
     signal.signal(signal.SIGTERM, _terminate)
     started = time.time()
-    problems = check_environment(need_cuda=not args.smoke)
+    problems = check_environment(need_cuda=not args.smoke, kernels=args.kernels.split(","))
     if problems or args.check:
         for line in problems:
             print(f"[gpu-bench] {line}", flush=True)
@@ -502,6 +507,7 @@ def main(argv=None) -> int:
 
     modes = [m for m in args.modes.split(",") if m]
     packings = [p for p in args.packing.split(",") if p]
+    kernels = [k for k in args.kernels.split(",") if k]
     width, height = (int(x) for x in args.image_size.lower().split("x"))
     dims = SMOKE if args.smoke else QWEN2_5_VL_3B
     workdir = (args.workdir or Path("/tmp/vlmtune-gpu-bench-smoke" if args.smoke else "/tmp/vlmtune-gpu-bench")
@@ -521,10 +527,18 @@ def main(argv=None) -> int:
             # model.dtype in the recipes; auto: fp32 weights in the folder (spec dtype) and bf16 autocast on CUDA
             "recipe_dtype": args.dtype}
     runs = {}
-    for mode in modes:
-        for packing in packings:
-            name = f"{mode}-packing-{packing}"
-            runs[name] = {"name": name, "mode": mode, "packing": packing == "on", "micro_batch": args.micro_batch_size}
+    for kernel in kernels:
+        for mode in modes:
+            for packing in packings:
+                name = f"{mode}-packing-{packing}" + ("" if kernel == "torch" else f"-{kernel}")
+                runs[name] = {"name": name, "mode": mode, "packing": packing == "on", "kernels": kernel,
+                              "micro_batch": args.micro_batch_size}
+    if args.only:
+        wanted = [n for n in args.only.split(",") if n]
+        if unknown := [n for n in wanted if n not in runs]:
+            print(f"[gpu-bench] --only: no planned run named {unknown}; planned: {', '.join(runs)}", flush=True)
+            return 2
+        runs = {n: runs[n] for n in wanted}
     spec["runs"] = runs
     spec_file = workdir / "spec.json"
 

@@ -2,7 +2,7 @@
 # Download into .whl/ (ignored by git) the wheels that bench/gpu.sh installs on a GPU machine without network:
 # the versions of this checkout's .venv, built for that machine's Python (default 3.12, x86-64 Linux).
 # The lent machines' image has torch, torchvision, accelerate, tokenizers, huggingface_hub, safetensors, pyarrow,
-# pandas and xxhash, but an older transformers and no datasets or pydantic.
+# pandas, xxhash and triton, but an older transformers and no datasets, pydantic or liger-kernel.
 #
 #   bash bench/gpu_wheels.sh                 # then carry .whl with the run (device tool: carry [".whl"])
 #   PY_VERSION=3.11 EXTRA="pyarrow" bash bench/gpu_wheels.sh
@@ -24,5 +24,7 @@ mkdir -p .whl
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl $PINS
+# Not in the .venv (CPU only): Liger Kernel for train.kernels=liger (bench/gpu_kernels.py); Triton is on the machine.
+"$PY" -m pip download -q --no-deps --only-binary=:all: -d .whl "liger-kernel==${LIGER_VERSION:-0.8.5}"
 ls -la .whl
 echo "[gpu_wheels] $(du -sh .whl | cut -f1) in .whl (the device tool carries at most 64 MiB with the working tree)"

@@ -11,6 +11,8 @@ Precision: logits, softmax and the soft-cap are fp32; the matmuls run in the hea
 In fp32 the result equals the plain path's to rounding. Under bf16 autocast on CUDA the logits come out of the
 bf16 GEMM as fp32 (the plain path rounds them to bf16 first), and the weight gradient accumulates in fp32.
 
+``train.kernels: liger`` swaps the chunk loop for Liger Kernel's Triton one (CUDA only; vlmtune/kernels.py).
+
 How the hidden states are taken: a forward pre-hook on the head, in place for one forward, reads the head's
 input (exactly what the head sees, whatever the family does before it) and computes the loss right there, while
 the head weight is in its forward state (FSDP2 unshards it for the forward), then hands the head one position
@@ -39,11 +41,13 @@ PROBE_TOLERANCE = 0.02  # of the probe magnitude: bf16 rounding of logits near 1
 _CHECKED: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
-def loss_sum(model: torch.nn.Module, batch: dict, chunk_tokens: int | None = 1024) -> torch.Tensor:
+def loss_sum(model: torch.nn.Module, batch: dict, chunk_tokens: int | None = 1024,
+             kernel: str = "torch") -> torch.Tensor:
     """Sum (not mean) of next-token CE over the supervised tokens of one micro-batch.
 
     ``chunk_tokens=None``: one logits tensor for every supervised position (``logits_to_keep``). Otherwise the
     fused, chunked path (same value and gradients); it falls back to the plain path where it cannot be exact.
+    ``kernel="liger"``: the fused path runs Liger Kernel's fused linear cross-entropy (CUDA; its own chunks).
     """
     if chunk_tokens is None:
         return plain_loss_sum(model, batch)
@@ -52,7 +56,7 @@ def loss_sum(model: torch.nn.Module, batch: dict, chunk_tokens: int | None = 102
     head = fusable_head(model)
     if head is None or _CHECKED.get(head) is False:
         return plain_loss_sum(model, batch)
-    return _fused_loss_sum(model, head, batch, chunk_tokens)
+    return _fused_loss_sum(model, head, batch, chunk_tokens, kernel)
 
 
 def plain_loss_sum(model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -131,7 +135,8 @@ class _Capture:
     expected: torch.Tensor | None = None  # head_logits of the planted probe row, to compare with the model's
 
 
-def _fused_loss_sum(model: torch.nn.Module, head: torch.nn.Linear, batch: dict, chunk_tokens: int) -> torch.Tensor:
+def _fused_loss_sum(model: torch.nn.Module, head: torch.nn.Linear, batch: dict, chunk_tokens: int,
+                    kernel: str) -> torch.Tensor:
     targets = batch["labels"][:, 1:]
     keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(1)
     if keep.numel() == 0:  # nothing supervised: the plain path's empty logits are free
@@ -149,7 +154,7 @@ def _fused_loss_sum(model: torch.nn.Module, head: torch.nn.Linear, batch: dict, 
             return None
         dtype = compute_dtype(module.weight)
         seen.loss = linear_cross_entropy(hidden[mask], module.weight, module.bias, kept[mask], chunk_tokens,
-                                         softcap, dtype)
+                                         softcap, dtype, kernel)
         small = hidden[:, :1]  # still attached, so DDP's unused-parameter search sees the whole graph
         if probe:
             planted, seen.expected = _probe(hidden, module.weight, module.bias, softcap, dtype)
@@ -220,11 +225,22 @@ def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          targets: torch.Tensor, chunk_tokens: int, softcap: float | None = None,
-                         dtype: torch.dtype | None = None) -> torch.Tensor:
+                         dtype: torch.dtype | None = None, kernel: str = "torch") -> torch.Tensor:
     """sum_i CE(softcap(hidden_i @ weight.T + bias), targets_i), fp32, ``chunk_tokens`` rows of logits at a time.
 
     `hidden` [tokens, d]; `targets` [tokens], all supervised. `dtype`: the matmul dtype (default: the weight's).
+    ``kernel="liger"``: Liger Kernel's Triton implementation (CUDA), which picks its own chunk size and runs the
+    matmuls under the caller's autocast; its weight gradient accumulates in fp32, as here.
     """
+    if kernel == "liger":
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        if not torch.is_autocast_enabled(hidden.device.type) and hidden.dtype != weight.dtype:
+            hidden = hidden.to(weight.dtype)
+        return liger_fused_linear_cross_entropy(hidden, weight, targets, bias, reduction="sum", softcap=softcap,
+                                                accum_dtype=torch.float32).float()
+    if kernel != "torch":
+        raise ValueError(f"unknown loss kernel {kernel!r} (torch or liger)")
     dtype = dtype or weight.dtype
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if not grads:  # validation: the loss alone, no gradient work

@@ -36,6 +36,7 @@ from vlmtune.collate import IGNORE, Encoded, SampleEncoder, Skipped
 from vlmtune.config import Recipe, recipe_to_yaml
 from vlmtune.data.dataset import EpochSampler, SFTDataset
 from vlmtune.data.formats import DataError
+from vlmtune.kernels import require_liger, use_liger_norms
 from vlmtune.loss import loss_sum
 from vlmtune.metrics import Metrics
 from vlmtune.model import apply_freeze, autocast_dtype, load_model, pick_device
@@ -172,6 +173,12 @@ def _finetune(recipe: Recipe, stop: StopSignals) -> Path:
 
     # Model, processor, family; freezing, or LoRA adapters (base frozen; freeze.<part> = no adapters there).
     model, processor, family = load_model(cfg.model, device, quantization_config(cfg.peft, device, cfg.model))
+    if tcfg.kernels == "liger":
+        require_liger(device)
+        swapped = use_liger_norms(model)
+        if rank == 0:
+            print(f"vlmtune: train.kernels=liger: Liger's fused linear cross-entropy; {swapped} RMSNorm module(s) "
+                  "replaced by Liger's", flush=True)
     if cfg.peft is not None:
         model, trainable = apply_lora(model, family, cfg.peft, cfg.freeze, cfg.model.name_or_path, cfg.model.revision)
     else:
@@ -264,7 +271,7 @@ def _finetune(recipe: Recipe, stop: StopSignals) -> Path:
             b = to_device(b, device, weights_dtype, cast_keys)
             with sync_context(forward_model, last=i == len(step_batches) - 1):
                 with amp():
-                    loss = loss_sum(forward_model, b, tcfg.loss_chunk_tokens) / max(global_sup, 1)
+                    loss = loss_sum(forward_model, b, tcfg.loss_chunk_tokens, tcfg.kernels) / max(global_sup, 1)
                 (loss * loss_factor).backward()
             step_loss += float(loss.detach())
         step_loss = sum_over_ranks(step_loss)
