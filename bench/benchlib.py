@@ -117,10 +117,10 @@ def parameter_counts(model) -> dict:
 # The data: vlmtune's synthetic cord-v2 receipts, in the order vlmtune's sampler reads them
 
 
-def write_data(folder: Path, n_train: int, seed: int = 0) -> Path:
+def write_data(folder: Path, n_train: int, seed: int = 0, image_size: tuple[int, int] = (224, 224)) -> Path:
     from vlmtune.data.synthetic import write_synthetic_cord
 
-    return write_synthetic_cord(Path(folder), n_train=n_train, n_validation=0, seed=seed)
+    return write_synthetic_cord(Path(folder), n_train=n_train, n_validation=0, seed=seed, image_size=image_size)
 
 
 def vlmtune_order(n_rows: int, n_samples: int, seed: int) -> list[int]:

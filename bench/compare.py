@@ -55,6 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=None, help="text layers (default 4; --quick 2)")
     p.add_argument("--vision-hidden", type=int, default=None, help="vision tower width (default 128; --quick 32)")
     p.add_argument("--vision-depth", type=int, default=None, help="vision tower blocks (default 4; --quick 2)")
+    p.add_argument("--image-size", default=None,
+                   help="receipt images WxH (default 864x1296, a cord-v2 photo's size; --quick 224x224)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="the processor's max_pixels (default 802816, the cord-v2 recipes': ~1,000 image tokens per "
+                        "receipt; --quick 50176: 64)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=2, help="warmup steps of the schedule")
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
@@ -70,9 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=int, default=3600, help="seconds per run before it is killed")
     args = p.parse_args(argv)
     quick = {"steps": 4, "micro_batch_size": 2, "grad_accum": 1, "hidden_size": 64, "layers": 2,
-             "vision_hidden": 32, "vision_depth": 2, "exclude_steps": 1}
+             "vision_hidden": 32, "vision_depth": 2, "exclude_steps": 1, "image_size": "224x224",
+             "max_pixels": 224 * 224}
     full = {"steps": 20, "micro_batch_size": 2, "grad_accum": 2, "hidden_size": 256, "layers": 4,
-            "vision_hidden": 128, "vision_depth": 4, "exclude_steps": 2}
+            "vision_hidden": 128, "vision_depth": 4, "exclude_steps": 2, "image_size": "864x1296",
+            "max_pixels": 802_816}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -84,6 +91,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--steps ({args.steps}) must be larger than --exclude-steps ({args.exclude_steps})")
     if min(args.micro_batch_size, args.grad_accum, args.exclude_steps + 1) < 1:
         p.error("--micro-batch-size and --grad-accum must be >= 1, --exclude-steps >= 0")
+    try:
+        args.image_size = tuple(int(x) for x in args.image_size.lower().split("x"))
+        assert len(args.image_size) == 2 and min(args.image_size) >= 28
+    except (ValueError, AssertionError):
+        p.error(f"--image-size: WxH with both at least 28, e.g. 864x1296; got {args.image_size!r}")
     return args
 
 
@@ -94,12 +106,14 @@ def make_spec(args: argparse.Namespace) -> dict:
     global_batch = args.micro_batch_size * args.grad_accum
     n_train = args.steps * global_batch
     tag = f"h{m['hidden_size']}-l{m['layers']}-v{m['vision_hidden']}x{m['vision_depth']}-s{args.seed}"
-    return {"model": m, "model_dir": str(workdir / "inputs" / f"model-{tag}"),
-            "data_dir": str(workdir / "inputs" / f"cord-synthetic-n{n_train}-s{args.seed}"),
+    width, height = args.image_size
+    return {"model": m, "model_dir": str(workdir / "inputs" / f"model-{tag}-p{args.max_pixels}"),
+            "data_dir": str(workdir / "inputs" / f"cord-synthetic-{width}x{height}-n{n_train}-s{args.seed}"),
+            "image_size": [width, height], "pixels": {"min_pixels": 56 * 56, "max_pixels": args.max_pixels},
             "rows_file": str(workdir / "rows.json"), "workdir": str(workdir / "runs"), "n_train": n_train,
             "steps": args.steps, "micro_batch": args.micro_batch_size, "global_batch": global_batch,
             "lr": args.lr, "warmup": args.warmup, "min_lr_ratio": args.min_lr_ratio, "max_grad_norm": 1.0,
-            "seed": args.seed, "max_length": 1024, "exclude_steps": args.exclude_steps}
+            "seed": args.seed, "max_length": 2048, "exclude_steps": args.exclude_steps}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -313,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     benchlib.write_json(Path(spec["rows_file"]), {"order": prep["order"], "rows": prep["rows"]})
     print(f"[bench] model: {prep['model']['parameters'] / 1e6:.1f}M parameters "
-          f"({prep['model']['vision_parameters'] / 1e6:.2f}M vision); {spec['n_train']} receipts", flush=True)
+          f"({prep['model']['vision_parameters'] / 1e6:.2f}M vision); {spec['n_train']} receipts of "
+          f"{spec['image_size'][0]} x {spec['image_size'][1]} at max_pixels {spec['pixels']['max_pixels']}",
+          flush=True)
 
     order = [p for p in PEERS if p in args.only]
     if args.packing and "vlmtune" in args.only:
@@ -349,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_at_end": os.getloadavg(),
         "settings": {**{k: spec[k] for k in ("model", "steps", "micro_batch", "global_batch", "lr", "warmup",
                                               "min_lr_ratio", "max_grad_norm", "seed", "exclude_steps",
-                                              "n_train")},
+                                              "n_train", "image_size", "pixels", "max_length")},
                      "grad_accum": args.grad_accum, "parameters": prep["model"], "quick": args.quick},
         "ratio_unpacked": ratio(mine.get("supervised_tokens_per_s"), fastest),
         "ratio_packed": None if packed_reason else ratio(packed.get("supervised_tokens_per_s"), fastest),

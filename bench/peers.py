@@ -25,8 +25,9 @@ import benchlib  # bench/ is not a package: found through sys.path
 def run_prep(spec: dict) -> dict:
     m = spec["model"]
     config = benchlib.bench_model_config(m["hidden_size"], m["layers"], m["vision_hidden"], m["vision_depth"])
-    info = benchlib.build_model(Path(spec["model_dir"]), config, seed=spec["seed"])
-    data_dir = benchlib.write_data(Path(spec["data_dir"]), spec["n_train"], seed=spec["seed"])
+    info = benchlib.build_model(Path(spec["model_dir"]), config, seed=spec["seed"], pixels=spec["pixels"])
+    data_dir = benchlib.write_data(Path(spec["data_dir"]), spec["n_train"], seed=spec["seed"],
+                                   image_size=tuple(spec["image_size"]))
     order = benchlib.vlmtune_order(spec["n_train"], spec["steps"] * spec["global_batch"], spec["seed"])
     rows = benchlib.peer_rows(data_dir, order)
     return {"model": info, "order": order, "rows": rows}

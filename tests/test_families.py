@@ -245,5 +245,6 @@ def test_rms_norms_match_the_liger_table(name, loaded):
             with torch.no_grad():
                 m.weight.copy_(torch.randn_like(m.weight) * 0.3)  # not the ones / zeros of a fresh model
                 x = torch.randn(2, 5, m.weight.shape[0], dtype=dtype) * 3
+                where = f"{module_name} ({type(module).__name__}, {dtype})"
                 torch.testing.assert_close(m(x), rms_norm_reference(x, m.weight, norm_eps(m), offset, mode),
-                                           msg=lambda s: f"{module_name} ({type(module).__name__}, {dtype}): {s}")
+                                           msg=lambda s, where=where: f"{where}: {s}")

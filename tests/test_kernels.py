@@ -14,7 +14,7 @@ from vlmtune.loss import linear_cross_entropy
 
 
 def test_liger_refused_off_cuda():
-    with pytest.raises(KernelError, match="runs Triton kernels on CUDA.*train.kernels=torch"):
+    with pytest.raises(KernelError, match=r"runs Triton kernels on CUDA.*train.kernels=torch"):
         require_liger(torch.device("cpu"))
 
 
