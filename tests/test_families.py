@@ -18,7 +18,7 @@ from vlmtune.collate import SampleEncoder, collate
 from vlmtune.config import FreezeConfig, ModelConfig, PeftConfig
 from vlmtune.families import family_for, part_of
 from vlmtune.generate import Generator
-from vlmtune.kernels import LIGER_NORMS, NOT_SWAPPED, norm_eps, rms_norm_reference, swappable_norms
+from vlmtune.kernels import LIGER_NORMS, norm_eps, rms_norm_reference, swappable_norms
 from vlmtune.model import apply_freeze, apply_load_fixes, load_model, unused_parameters
 from vlmtune.peft import lora_targets
 from vlmtune.train import loss_sum, save_final, to_device
@@ -228,13 +228,13 @@ def test_generate_produces_tokens(name, loaded):
 @pytest.mark.parametrize("name", families())
 def test_rms_norms_match_the_liger_table(name, loaded):
     """train.kernels=liger replaces RMSNorm modules by Liger's with the (offset, casting mode) of LIGER_NORMS:
-    every RMSNorm class of the family is in the table (or in NOT_SWAPPED), and each module's output equals
+    every RMSNorm class of the family is in the table, and each module's output equals
     rms_norm_reference for that entry in fp32 and bf16 (bench/gpu_kernels.py checks Liger's kernel against the
     same reference on a GPU)."""
     model, _, _ = loaded
     norms = [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")]
-    unknown = {type(m).__name__ for _, m in norms} - LIGER_NORMS.keys() - NOT_SWAPPED.keys()
-    assert not unknown, f"add these to vlmtune/kernels.py LIGER_NORMS (or NOT_SWAPPED): {unknown}"
+    unknown = {type(m).__name__ for _, m in norms} - LIGER_NORMS.keys()
+    assert not unknown, f"add these to vlmtune/kernels.py LIGER_NORMS: {unknown}"
     swappable = swappable_norms(model)
     assert swappable, "no RMSNorm that train.kernels=liger would replace"
     torch.manual_seed(0)

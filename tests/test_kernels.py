@@ -7,7 +7,9 @@ import sys
 
 import pytest
 import torch
+import yaml
 
+from vlmtune.cli import main
 from vlmtune.config import RecipeError, build_recipe
 from vlmtune.kernels import KernelError, require_liger
 from vlmtune.loss import linear_cross_entropy
@@ -16,6 +18,17 @@ from vlmtune.loss import linear_cross_entropy
 def test_liger_refused_off_cuda():
     with pytest.raises(KernelError, match=r"runs Triton kernels on CUDA.*train.kernels=torch"):
         require_liger(torch.device("cpu"))
+
+
+def test_finetune_refuses_liger_on_cpu_before_loading_the_model(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "out"), "model": {"name_or_path": str(tmp_path / "no-model-here")},
+        "data": {"train": {"source": str(tmp_path / "no-data-here"), "format": "cord_v2"}},
+        "train": {"max_steps": 1, "device": "cpu", "kernels": "liger"}}))
+    assert main(["finetune", "-c", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "train.kernels=liger runs Triton kernels on CUDA" in err and "no-model-here" not in err
 
 
 def test_liger_missing_says_how_to_install(monkeypatch):

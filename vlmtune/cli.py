@@ -200,12 +200,13 @@ def user_errors() -> tuple[type[Exception], ...]:
     from vlmtune.export import ExportError
     from vlmtune.families import FamilyError
     from vlmtune.generate import GenerateError
+    from vlmtune.kernels import KernelError
     from vlmtune.model import ModelLoadError
     from vlmtune.peft import AdapterError, GradientCheckError
     from vlmtune.train import TrainingError
 
     return (*USER_ERRORS, DataError, ModelLoadError, FamilyError, AdapterError, GradientCheckError, ExportError,
-            GenerateError, CheckpointError, TrainingError)
+            GenerateError, CheckpointError, TrainingError, KernelError)
 
 
 def main(argv: list[str] | None = None) -> int:

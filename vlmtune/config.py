@@ -86,8 +86,9 @@ class TrainConfig(_Strict):
     # Loss over chunks of this many supervised tokens, gradients computed chunk by chunk, so full-vocabulary
     # logits exist for one chunk at a time (vlmtune/loss.py). None: one logits tensor for all supervised tokens.
     loss_chunk_tokens: int | None = Field(default=1024, ge=1)
-    # liger: Liger Kernel's fused linear cross-entropy and RMSNorm (CUDA + `pip install liger-kernel`), applied to
-    # the loaded model only (vlmtune/kernels.py). torch: vlmtune's own loss and the model's own modules.
+    # liger: Liger Kernel's fused linear cross-entropy (in place of the chunk loop; needs loss_chunk_tokens set) and
+    # RMSNorm (CUDA + `pip install liger-kernel`), applied to the loaded model only (vlmtune/kernels.py).
+    # torch: vlmtune's own loss and the model's own modules.
     kernels: Literal["torch", "liger"] = "torch"
 
     @model_validator(mode="after")

@@ -13,8 +13,8 @@ import torch
 INSTALL_HINT = "pip install liger-kernel (needs a CUDA GPU and Triton)"
 
 # HF RMSNorm class -> (offset, casting mode) of the Liger RMSNorm that computes the same, see rms_norm_reference.
-# tests/test_families.py checks every entry against the HF module, and that every *RMSNorm module of every
-# family is either here or in NOT_SWAPPED.
+# tests/test_families.py checks every entry against the HF module, and that every *RMSNorm class of every
+# family is here.
 LIGER_NORMS: dict[str, tuple[float, str]] = {
     "Qwen2RMSNorm": (0.0, "llama"),
     "Qwen2VLRMSNorm": (0.0, "llama"),
@@ -35,8 +35,6 @@ LIGER_NORMS: dict[str, tuple[float, str]] = {
     "Idefics3RMSNorm": (0.0, "llama"),
     "InternVLVisionRMSNorm": (0.0, "llama"),
 }
-# RMSNorm classes left as they are, and why.
-NOT_SWAPPED: dict[str, str] = {}
 
 
 class KernelError(RuntimeError):

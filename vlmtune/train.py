@@ -170,11 +170,12 @@ def _finetune(recipe: Recipe, stop: StopSignals) -> Path:
     resume_from = ckpts.find(cfg.resume)  # None: a fresh run
     seed_everything(tcfg.seed)
     device = pick_device(tcfg.device)
+    if tcfg.kernels == "liger":
+        require_liger(device)  # before the model loads: a wrong device or a missing package fails at once
 
     # Model, processor, family; freezing, or LoRA adapters (base frozen; freeze.<part> = no adapters there).
     model, processor, family = load_model(cfg.model, device, quantization_config(cfg.peft, device, cfg.model))
     if tcfg.kernels == "liger":
-        require_liger(device)
         swapped = use_liger_norms(model)
         if rank == 0:
             print(f"vlmtune: train.kernels=liger: Liger's fused linear cross-entropy; {swapped} RMSNorm module(s) "
