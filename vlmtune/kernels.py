@@ -72,8 +72,8 @@ def use_liger_norms(model: torch.nn.Module) -> int:
     swaps = swappable_norms(model)
     for name, old in swaps:
         offset, mode = LIGER_NORMS[type(old).__name__]
-        # in_place=False: Liger's in-place backward reuses the incoming gradient's buffer, which is wrong where
-        # that gradient also flows elsewhere (residual streams, shared norms).
+        # in_place=False: the in-place backward writes the input gradient into the output gradient's buffer, which
+        # autograd may still hand to another consumer (Liger itself turns it off for Gemma 2 / 3).
         new = LigerRMSNorm(old.weight.shape[0], eps=norm_eps(old), offset=offset, casting_mode=mode, in_place=False)
         new.weight = old.weight  # the same Parameter: name, dtype, device and requires_grad unchanged
         model.set_submodule(name, new)
