@@ -190,7 +190,8 @@ def one_rank(tiny_model_dir, color_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_ranks(tiny_model_dir, color_data, tmp_path_factory) -> Launch:
-    """Every 2-rank parity run (FSDP2 / DDP x full / LoRA, HSDP) in one launch, then a run whose rank 1 fails."""
+    """Every 2-rank parity run (FSDP2 / DDP x full / LoRA, FSDP2 packed, HSDP) in one launch, then a run whose rank 1
+    fails."""
 
     def runs(root: Path) -> dict[str, dict]:
         runs = {}
@@ -203,6 +204,9 @@ def two_ranks(tiny_model_dir, color_data, tmp_path_factory) -> Launch:
                 if setting == "lora":  # sharded checkpoints (DCP; from unsharded weights under DDP), resumed below
                     t["checkpoint"] = CKPT
                 runs[f"{strategy}-{setting}"] = t
+        # Packing under FSDP2: two samples per row, attended sample by sample (vlmtune/attention.py).
+        runs["fsdp2-packed"] = tree(tiny_model_dir, color_data, root / "fsdp2-packed", micro_batch_size=2,
+                                    packing=True, distributed={"strategy": "fsdp2"}, **FULL)
         # HSDP on a 2-D mesh: 2 replicas of a 1-rank shard group.
         runs["hsdp-full"] = tree(tiny_model_dir, color_data, root / "hsdp-full",
                                  distributed={"strategy": "fsdp2", "dp_replicate": 2, "dp_shard": 1}, **FULL)
@@ -238,6 +242,11 @@ def test_two_ranks_match_one_rank(strategy, setting, two_ranks, one_rank, tiny_m
         assert_same_final_model(ref / "final", out / "final", tiny_model_dir)
     if strategy == "fsdp2" and setting == "lora":
         assert_same_adapter(ref / "final", out / "final")
+
+
+def test_two_ranks_packed_match_one_rank_padded(two_ranks, one_rank):
+    """FSDP2 on 2 ranks with packed rows of two samples: the 1-rank padded run's losses, step by step."""
+    assert_same_losses(one_rank("full"), two_ranks.out("fsdp2-packed"))
 
 
 def test_hsdp_matches_one_rank(two_ranks, one_rank, tiny_model_dir):

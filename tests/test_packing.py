@@ -11,6 +11,9 @@ from PIL import Image
 from tiny import all_specs
 
 from conftest import small_recipe
+from vlmtune import attention
+from vlmtune.attention import segments as real_segments
+from vlmtune.attention import use_segment_attention
 from vlmtune.batching import PackingError, check_packing, equalize, group, micro_batch, rope_index_module
 from vlmtune.collate import IGNORE, SampleEncoder
 from vlmtune.config import ModelConfig, build_recipe
@@ -58,7 +61,7 @@ def model_inputs(batch: dict) -> dict:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_packed_logits_and_loss_equal_padded(name, tiny_model):
+def test_packed_logits_and_loss_equal_padded(name, tiny_model, monkeypatch):
     spec = SPECS[name]
     model, processor, family = load_model(ModelConfig(name_or_path=str(tiny_model(name))), CPU)
     model.eval()
@@ -85,6 +88,36 @@ def test_packed_logits_and_loss_equal_padded(name, tiny_model):
     check_packing(family)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert loss_packed == pytest.approx(loss_padded, rel=1e-5)
+
+    # What training runs: attention per sample (vlmtune/attention.py) instead of the masked whole row.
+    taken = []
+    monkeypatch.setattr(attention, "segments", lambda mask: taken.append(real_segments(mask)) or taken[-1])
+    assert use_segment_attention(model)
+    with torch.no_grad():
+        got = model(**model_inputs(packed), use_cache=False).logits[0]
+        loss_packed = float(loss_sum(model, packed))
+        again = model(**model_inputs(padded), use_cache=False).logits[padded["attention_mask"].bool()]
+    lengths = [s.length for s in samples]
+    assert [e - s for s, e in next(t for t in taken if t)] == lengths  # the samples, read off the mask
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert loss_packed == pytest.approx(loss_padded, rel=1e-5)
+    torch.testing.assert_close(again, want, atol=0, rtol=0)  # a padded batch still takes plain sdpa
+
+
+@pytest.mark.parametrize("rows_per_check", [1024, 2])
+def test_segments_only_from_an_exact_block_causal_mask(rows_per_check, monkeypatch):
+    monkeypatch.setattr(attention, "ROWS_PER_CHECK", rows_per_check)
+    sample = torch.tensor([0, 0, 0, 1, 1, 2])
+    block = (sample[:, None] == sample[None, :]).tril()[None, None]
+    assert real_segments(block) == [(0, 3), (3, 5), (5, 6)]
+    assert real_segments(torch.ones(1, 1, 4, 4, dtype=torch.bool).tril()) == [(0, 4)]
+    padded = block.clone()
+    padded[..., 4] = False  # a padding column
+    window = block.clone()
+    window[0, 0, 2, 0] = False  # a sliding window of 2
+    for mask in (None, padded, window, block.repeat(2, 1, 1, 1), torch.ones(1, 1, 6, 6, dtype=torch.bool),
+                 block.float()):
+        assert real_segments(mask) is None
 
 
 def test_packed_labels_never_cross_samples(encoder, cord_dir):

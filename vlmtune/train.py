@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from vlmtune.attention import use_segment_attention
 from vlmtune.batching import Batcher, check_packing, filler_sample, padding_tokens, rope_index_module
 from vlmtune.checkpoint import (
     Checkpoints,
@@ -175,6 +176,9 @@ def _finetune(recipe: Recipe, stop: StopSignals) -> Path:
 
     # Model, processor, family; freezing, or LoRA adapters (base frozen; freeze.<part> = no adapters there).
     model, processor, family = load_model(cfg.model, device, quantization_config(cfg.peft, device, cfg.model))
+    if tcfg.packing:
+        check_packing(family)
+        use_segment_attention(model)  # sdpa per sample of a packed row, not over the whole row (vlmtune/attention.py)
     if tcfg.kernels == "liger":
         swapped = use_liger_norms(model)
         if rank == 0:
@@ -200,8 +204,6 @@ def _finetune(recipe: Recipe, stop: StopSignals) -> Path:
     pad_id = processor.tokenizer.pad_token_id
     if pad_id is None:
         pad_id = processor.tokenizer.eos_token_id
-    if tcfg.packing:
-        check_packing(family)
     batcher = Batcher(pad_id, tcfg.micro_batch_size, tcfg.micro_batch_tokens, tcfg.packing,
                       rope_index_module(model) if tcfg.packing else None,
                       filler_sample(encoder) if world_size > 1 else None)
