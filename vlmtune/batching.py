@@ -4,8 +4,9 @@ a vision filler row when several ranks run, and padding-free packing.
 Packing puts a micro-batch's samples into one row. Each sample keeps the positions it would have had alone
 (for the Qwen families the 3-D mRoPE positions the model's own ``get_rope_index`` computes, plus a leading row
 of 1-D text positions, the layout transformers reads as "packed"), and no ``attention_mask`` is passed, so
-transformers builds a block-diagonal causal mask from the positions (varlen flash attention on CUDA): attention
-never crosses samples. Labels never cross either: each sample's first token is never a target.
+transformers builds a block-diagonal causal mask from the positions, which vlmtune/attention.py turns into sdpa
+per sample (flash_attention_2: transformers' varlen path): attention never crosses samples. Labels never cross
+either: each sample's first token is never a target.
 tests/test_packing.py checks, per family, that packed logits and losses equal the padded ones.
 """
 
