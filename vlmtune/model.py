@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor,
 
 from vlmtune.config import FreezeConfig, ModelConfig
 from vlmtune.families import Family, family_for, part_of
+from vlmtune.models import register_native_models
 
 
 class ModelLoadError(RuntimeError):
@@ -47,6 +48,7 @@ def _load_error(cfg: ModelConfig, what: str, err: Exception) -> ModelLoadError:
 
 
 def load_config(cfg: ModelConfig) -> PretrainedConfig:
+    register_native_models()
     try:
         return AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision,
                                           trust_remote_code=cfg.trust_remote_code)
@@ -55,6 +57,7 @@ def load_config(cfg: ModelConfig) -> PretrainedConfig:
 
 
 def load_processor(cfg: ModelConfig):
+    register_native_models()
     try:
         processor = AutoProcessor.from_pretrained(cfg.name_or_path, revision=cfg.revision,
                                                   trust_remote_code=cfg.trust_remote_code, **cfg.processor_kwargs)

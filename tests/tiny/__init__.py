@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tiny.common import TinySpec
 
-GROUPS = ("qwen", "gemma", "smolvlm", "llava", "internvl", "llama4", "mistral3")
+GROUPS = ("qwen", "gemma", "smolvlm", "llava", "internvl", "llama4", "mistral3", "kimi_vl")
 
 
 def all_specs() -> dict[str, TinySpec]:
