@@ -13,8 +13,7 @@ from pathlib import Path
 import torch
 
 ASSETS = Path(__file__).parent / "assets" / "qwen2-vl"
-# At most 224 x 224 pixels -> 16 x 16 patches of 14 px -> 64 tokens after the 2 x 2 merge. (The Qwen processor
-# files carry min_pixels / max_pixels, which win over a `size=` override in transformers 5.24.)
+# At most 224 x 224 pixels -> 16 x 16 patches of 14 px -> 64 tokens after the 2 x 2 merge.
 DEMO_PIXELS = {"min_pixels": 56 * 56, "max_pixels": 224 * 224}
 
 
@@ -36,7 +35,10 @@ def tiny_qwen2_5_vl_config(**text_overrides):
 
 def build_tiny_qwen2_5_vl(out: Path, seed: int = 0, **text_overrides) -> Path:
     """Write a randomly initialised tiny Qwen2.5-VL and the real Qwen processor to `out` (skip if there)."""
-    from transformers import AutoProcessor, GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+    from vlmtune.config import ModelConfig
+    from vlmtune.model import load_processor
 
     out = Path(out)
     if (out / "model.safetensors").is_file() and (out / "preprocessor_config.json").is_file():
@@ -45,7 +47,7 @@ def build_tiny_qwen2_5_vl(out: Path, seed: int = 0, **text_overrides) -> Path:
     model = Qwen2_5_VLForConditionalGeneration(tiny_qwen2_5_vl_config(**text_overrides))
     model.generation_config = GenerationConfig(bos_token_id=151643, eos_token_id=[151645, 151643],
                                                pad_token_id=151643, max_new_tokens=64)
-    processor = AutoProcessor.from_pretrained(ASSETS, **DEMO_PIXELS)
+    processor = load_processor(ModelConfig(name_or_path=str(ASSETS), processor_kwargs=DEMO_PIXELS))
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out

@@ -47,7 +47,8 @@ class Family:
     attn_implementation: str = "sdpa"
     # Tensor dtypes some image processors return regardless of the model (Llama 4 returns bf16 pixels).
     cast_to_model_dtype: tuple[str, ...] = ("pixel_values", "pixel_values_videos")
-    # Workarounds for upstream bugs, applied to the loaded model: names of functions in vlmtune.model.LOAD_FIXES.
+    # Workarounds for upstream bugs, applied to the loaded model where the installed transformers needs them:
+    # names in vlmtune.model.LOAD_FIXES.
     load_fixes: tuple[str, ...] = ()
     # Parameters the forward never uses, by design (name prefixes), e.g. the final norm of a vision tower whose
     # features are read from a hidden state. model.py freezes them at load: never trained, not counted as

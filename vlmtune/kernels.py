@@ -13,8 +13,9 @@ import torch
 INSTALL_HINT = "pip install liger-kernel (needs a CUDA GPU and Triton)"
 
 # HF RMSNorm class -> (offset, casting mode) of the Liger RMSNorm that computes the same, see rms_norm_reference.
-# tests/test_families.py checks every entry against the HF module, and that every *RMSNorm class of every
-# family is here.
+# tests/test_families.py checks every entry against the HF module (a weightless one as weight 1), and that every
+# *RMSNorm class of every family is here. Modules without a weight (Llama 4's weightless norm, Gemma 3n's
+# scale-free ones) are never replaced: there is no weight for Liger's kernel to fuse.
 LIGER_NORMS: dict[str, tuple[float, str]] = {
     "Qwen2RMSNorm": (0.0, "llama"),
     "Qwen2VLRMSNorm": (0.0, "llama"),
@@ -27,6 +28,7 @@ LIGER_NORMS: dict[str, tuple[float, str]] = {
     "Gemma3nRMSNorm": (0.0, "gemma"),
     "LlamaRMSNorm": (0.0, "llama"),
     "Llama4TextRMSNorm": (0.0, "llama"),
+    "Llama4TextWeightlessRMSNorm": (0.0, "gemma"),  # transformers >= 5.25 (was Llama4TextL2Norm)
     "MistralRMSNorm": (0.0, "llama"),
     "Mistral3RMSNorm": (0.0, "llama"),
     "Mistral4RMSNorm": (0.0, "llama"),

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
+from packaging.version import Version
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PretrainedConfig
 
 from vlmtune.config import FreezeConfig, ModelConfig
@@ -57,13 +61,37 @@ def load_config(cfg: ModelConfig) -> PretrainedConfig:
 
 
 def load_processor(cfg: ModelConfig):
+    """The model's processor, with ``cfg.processor_kwargs`` applied where they belong (see `_with_options`)."""
     register_native_models()
+    common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     try:
-        processor = AutoProcessor.from_pretrained(cfg.name_or_path, revision=cfg.revision,
-                                                  trust_remote_code=cfg.trust_remote_code, **cfg.processor_kwargs)
+        processor = AutoProcessor.from_pretrained(cfg.name_or_path, **common)
+        rest = _with_options(processor, cfg.processor_kwargs)
+        if rest:  # options of the processor itself (or its tokenizer): from_pretrained hands them on
+            processor = AutoProcessor.from_pretrained(cfg.name_or_path, **common, **rest)
+            _with_options(processor, cfg.processor_kwargs)
     except (OSError, ValueError) as e:
         raise _load_error(cfg, "processor", e) from e
     return processor
+
+
+MEDIA_PROCESSORS = ("image_processor", "video_processor")
+
+
+def _with_options(processor, options: dict) -> dict:
+    """Rebuild the image / video processor with the options it takes (``max_pixels``, ``do_image_splitting`` ...),
+    as from_pretrained would; returns the options neither takes. Options handed to ``AutoProcessor.from_pretrained``
+    would also land in the tokenizer's init kwargs, and the processor passes those back into every image call,
+    where transformers 5.25 deprecates them (``min_pixels`` / ``max_pixels``)."""
+    taken: set[str] = set()
+    for attr in MEDIA_PROCESSORS:
+        sub = getattr(processor, attr, None)
+        valid = getattr(getattr(sub, "valid_kwargs", None), "__annotations__", {})
+        mine = {k: v for k, v in options.items() if k in valid}
+        if mine:
+            setattr(processor, attr, type(sub).from_dict(sub.to_dict(), **mine))
+            taken |= mine.keys()
+    return {k: v for k, v in options.items() if k not in taken}
 
 
 def load_model(cfg: ModelConfig, device: torch.device, quantization_config=None,
@@ -122,10 +150,9 @@ def _has_submodule(model: torch.nn.Module, name: str) -> bool:
 def _llama4_language_model_image_outputs(model: torch.nn.Module) -> None:
     """transformers 5.24.0: ``Llama4ForConditionalGeneration.forward`` builds its output with
     ``image_outputs=outputs.image_outputs``, where ``outputs`` is its language model's ``MoeCausalLMOutputWithPast``,
-    which has no such field, so every forward raises AttributeError. A forward hook on this model's language model
-    gives that output the attribute (None, as for a forward without images). No class is changed.
-    tests/test_load_fixes.py fails once upstream no longer needs it.
-    """
+    which has no such field, so every forward raises AttributeError (fixed in 5.25.0). A forward hook on this
+    model's language model gives that output the attribute (None, as for a forward without images). No class is
+    changed."""
 
     def add_image_outputs(module, args, output):
         if not isinstance(output, tuple) and not hasattr(output, "image_outputs"):
@@ -135,14 +162,29 @@ def _llama4_language_model_image_outputs(model: torch.nn.Module) -> None:
     model.get_submodule("language_model").register_forward_hook(add_image_outputs)
 
 
-# Family.load_fixes names -> fixes for upstream bugs, each applied to a freshly loaded model of that family only.
-LOAD_FIXES = {"llama4_language_model_image_outputs": _llama4_language_model_image_outputs}
+@dataclass(frozen=True)
+class LoadFix:
+    """A workaround for an upstream bug, applied at load to models of the families that name it, and only under
+    the transformers releases that have the bug: ``first`` <= version < ``fixed``. tests/test_load_fixes.py checks
+    on the installed release that the fix is needed where it is applied and that the stock model works elsewhere."""
+
+    apply: Callable[[torch.nn.Module], None]
+    first: str  # first transformers release with the bug
+    fixed: str  # first release without it
+
+    def needed(self, version: str = transformers.__version__) -> bool:
+        return Version(self.first) <= Version(version) < Version(self.fixed)
+
+
+# Family.load_fixes names -> fixes for upstream bugs.
+LOAD_FIXES = {"llama4_language_model_image_outputs": LoadFix(_llama4_language_model_image_outputs, "5.24.0", "5.25.0")}
 
 
 def apply_load_fixes(model: torch.nn.Module, family: Family) -> torch.nn.Module:
-    """Apply the family's workarounds for upstream bugs (``Family.load_fixes``) to a loaded model."""
+    """Apply the family's workarounds for upstream bugs (``Family.load_fixes``) that this transformers needs."""
     for name in family.load_fixes:
-        LOAD_FIXES[name](model)
+        if LOAD_FIXES[name].needed():
+            LOAD_FIXES[name].apply(model)
     return model
 
 
