@@ -6,9 +6,9 @@
 
 It iterates the stream the train loop draws from (vlmtune.train.train_stream) for each (num_workers, micro-batch
 size): vlmtune's
-SFTDataset (row + image decode -> conversation -> chat template -> processor -> assistant-only labels, inside
+EncodedDataset (row + image decode -> conversation -> chat template -> processor -> assistant-only labels, inside
 DataLoader workers), its EpochSampler and DataLoader settings. Where the loader hands lists of samples to the
-main process, vlmtune.collate.collate pads them there, as the train loop does, and that time counts too. The
+main process, vlmtune.encode.collate pads them there, as the train loop does, and that time counts too. The
 first round of batches (one per worker: process start-up and first batch) is the warm-up, excluded from
 samples/s and reported as "start-up" (paid again every epoch: persistent_workers=False). Then the
 single-process path is timed stage by stage, so you see where the time goes.
@@ -49,9 +49,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from vlmtune.collate import SampleEncoder
     from vlmtune.config import Recipe
-    from vlmtune.data.dataset import SFTDataset
+    from vlmtune.encode import EncodedDataset, SampleEncoder
 
 # The cord-v2 recipes' pixel budget for Qwen: at most 802816 pixels = 1024 image tokens per receipt.
 QWEN_CORD_PIXELS = {"min_pixels": 3136, "max_pixels": 802816}
@@ -130,7 +129,7 @@ def recipe_tree(model_dir: str, data_dir: Path, processor_kwargs: dict, workers:
 
 def load_encoder(recipe: Recipe, model_type: str | None) -> SampleEncoder:
     """The SampleEncoder train.py builds: the recipe's processor and the family of its model type."""
-    from vlmtune.collate import SampleEncoder
+    from vlmtune.encode import SampleEncoder
     from vlmtune.families import family_for
     from vlmtune.model import load_config, load_processor
 
@@ -161,7 +160,8 @@ def pad_id_of(encoder: SampleEncoder) -> int:
 def _arrival(items: list, pad_id: int) -> Arrival:
     """Count one loader output (a list of samples) and collate it, as the train loop does in the main process,
     on its own time: so it is timed here too."""
-    from vlmtune.collate import Encoded, collate
+    from vlmtune.batching import collate
+    from vlmtune.encode import Encoded
 
     kept = [x for x in items if isinstance(x, Encoded)]
     if kept:
@@ -205,10 +205,10 @@ def measure_loader(recipe: Recipe, encoder: SampleEncoder, device: torch.device,
                    warmup_rounds: int) -> dict:
     import gc
 
-    from vlmtune.data.dataset import SFTDataset
+    from vlmtune.encode import EncodedDataset
     from vlmtune.train import train_stream
 
-    sampler, loaded = train_stream(SFTDataset(recipe.data.train, encoder, "data.train"), recipe)
+    sampler, loaded = train_stream(EncodedDataset.of(recipe.data.train, encoder, "data.train"), recipe)
     warmup = warmup_rounds * max(1, recipe.data.num_workers)
     cpu_before = cpu_seconds()
     try:
@@ -267,7 +267,7 @@ class Timed:
 
 def timed_encoder(encoder: SampleEncoder, clock: Clock) -> SampleEncoder:
     """`encoder`'s class, running its own code, with its render (chat template), processor call and labels timed."""
-    from vlmtune.collate import SampleEncoder
+    from vlmtune.encode import SampleEncoder
 
     class TimedEncoder(SampleEncoder):
         def render(self, conversation: list[dict]) -> str:
@@ -293,13 +293,15 @@ def timed_image_processor(processor: Any, clock: Clock) -> Iterator[None]:
         processor.image_processor = original
 
 
-def _time_sample(ds: SFTDataset, encoder: SampleEncoder, index: int, clock: Clock) -> Any:
-    from vlmtune.data.formats import SampleError, to_conversation
+def _time_sample(ds: EncodedDataset, encoder: SampleEncoder, index: int, clock: Clock) -> Any:
+    from vlmtune.data.formats import to_conversation
+    from vlmtune.errors import SampleError
 
+    convs = ds.conversations
     with clock("row"):
-        row = ds.rows[index]
+        row = convs.rows[index]
     with clock("conversation"):
-        conversation = to_conversation(row, ds.format, ds.spec, ds.base_dir, index)
+        conversation = to_conversation(row, convs.format, convs.spec, convs.base_dir, index)
     with clock("encode"):
         try:
             return encoder(conversation, index)
@@ -324,10 +326,10 @@ def _stages(s: dict[str, float], n: int) -> dict[str, float]:
 def breakdown(recipe: Recipe, encoder: SampleEncoder, n: int, batch_size: int) -> dict:
     """Per-stage milliseconds per sample of the single-process path, over the first `n` samples (one untimed
     sample first), and the mean sample's token counts."""
-    from vlmtune.collate import Encoded, collate
-    from vlmtune.data.dataset import SFTDataset
+    from vlmtune.batching import collate
+    from vlmtune.encode import Encoded, EncodedDataset
 
-    ds = SFTDataset(recipe.data.train, encoder, "data.train")
+    ds = EncodedDataset.of(recipe.data.train, encoder, "data.train")
     n = min(n, len(ds) - 1)
     clock = Clock()
     with timed_image_processor(encoder.processor, clock):

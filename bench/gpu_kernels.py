@@ -89,11 +89,11 @@ def check_loss() -> None:
 
 
 def check_model() -> None:
-    from vlmtune.collate import SampleEncoder, collate
+    from vlmtune.batching import collate
     from vlmtune.config import DataSource, ModelConfig
-    from vlmtune.data.dataset import SFTDataset
     from vlmtune.data.synthetic import write_synthetic_cord
     from vlmtune.demo import build_tiny_qwen2_5_vl
+    from vlmtune.encode import EncodedDataset, SampleEncoder
     from vlmtune.families import family_for
     from vlmtune.kernels import use_liger_norms
     from vlmtune.loss import loss_sum
@@ -107,7 +107,7 @@ def check_model() -> None:
     device = torch.device("cuda")
     base, processor, family = load_model(ModelConfig(name_or_path=str(model_dir)), device)
     encoder = SampleEncoder(processor, family_for("qwen2_5_vl"), max_length=1024)
-    ds = SFTDataset(DataSource(source=str(data_dir), format="cord_v2", split="validation"), encoder, "v")
+    ds = EncodedDataset.of(DataSource(source=str(data_dir), format="cord_v2", split="validation"), encoder, "v")
     batch = to_device(collate([ds[0], ds[1]], pad_id=processor.tokenizer.pad_token_id), device, torch.float32,
                       family.cast_to_model_dtype)
 

@@ -81,7 +81,7 @@ def build_batch(args: argparse.Namespace, device) -> dict:
     """Random text ids; per row three answer spans that together cover ``--supervised`` of it."""
     import torch
 
-    from vlmtune.collate import IGNORE
+    from vlmtune.encode import IGNORE
 
     g = torch.Generator().manual_seed(args.seed)
     length = args.tokens // args.rows
@@ -91,18 +91,17 @@ def build_batch(args: argparse.Namespace, device) -> dict:
     for start in (length // 6, length // 2, length - span - 1):
         labels[:, start:start + span] = ids[:, start:start + span]
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids, device=device),
-            "token_type_ids": torch.zeros_like(ids, device=device), "labels": labels.to(device),
-            "indices": list(range(args.rows)), "skipped": []}
+            "token_type_ids": torch.zeros_like(ids, device=device), "labels": labels.to(device)}
 
 
 def full_logits_loss(model, batch: dict):
     """What the peers do: logits at every position, then transformers' ForCausalLMLoss (sum)."""
     import torch.nn.functional as F
 
-    from vlmtune.collate import IGNORE
-    from vlmtune.loss import NON_MODEL_KEYS
+    from vlmtune.encode import IGNORE
+    from vlmtune.loss import model_inputs
 
-    logits = model(**{k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}, use_cache=False).logits.float()
+    logits = model(**model_inputs(batch), use_cache=False).logits.float()
     targets = F.pad(batch["labels"], (0, 1), value=IGNORE)[:, 1:]
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 

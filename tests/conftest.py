@@ -187,7 +187,7 @@ def processor(tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def encoder(processor):
-    from vlmtune.collate import SampleEncoder
+    from vlmtune.encode import SampleEncoder
     from vlmtune.families import family_for
 
     return SampleEncoder(processor, family_for("qwen2_5_vl"), max_length=1024)
@@ -196,11 +196,11 @@ def encoder(processor):
 @pytest.fixture(scope="module")
 def image_batch(cord_dir, encoder):
     """Two collated validation receipts of the tiny Qwen2.5-VL."""
-    from vlmtune.collate import collate
+    from vlmtune.batching import collate
     from vlmtune.config import DataSource
-    from vlmtune.data.dataset import SFTDataset
+    from vlmtune.encode import EncodedDataset
 
-    ds = SFTDataset(DataSource(source=str(cord_dir), format="cord_v2", split="validation"), encoder, "v")
+    ds = EncodedDataset.of(DataSource(source=str(cord_dir), format="cord_v2", split="validation"), encoder, "v")
     return collate([ds[0], ds[1]], pad_id=151643)
 
 

@@ -117,3 +117,35 @@ def test_unknown_family_is_a_clear_error(family_type):
 
     with pytest.raises(FamilyError, match="family table"):
         family_for(family_type)
+
+
+def one_line_error(capsys) -> str:
+    """What the CLI printed for an error: one 'vlmtune finetune: error:' message, no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "vlmtune finetune: error:" in err, err
+    return err
+
+
+def test_packing_refused_for_a_family_exits_2(tmp_path, tiny_model, capsys):
+    """PackingError used to reach users as a traceback."""
+    recipe = write_run(tmp_path, tiny_model("qwen3_5"), [GOOD], packing=True)
+    assert main(["finetune", "-c", str(recipe)]) == 2
+    assert "train.packing=true is not supported for qwen3_5" in one_line_error(capsys)
+
+
+def test_distributed_setting_that_cannot_work_exits_2(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """DistributedError used to reach users as a traceback (here: two ranks asked to train unrelated copies)."""
+    monkeypatch.setattr("vlmtune.train.world", lambda: (0, 2))
+    recipe = write_run(tmp_path, tiny_model_dir, [GOOD, GOOD])
+    assert main(["finetune", "-c", str(recipe), "distributed.strategy=none"]) == 2
+    assert "distributed.strategy=none with 2 processes" in one_line_error(capsys)
+
+
+def test_global_batch_that_the_ranks_cannot_split_exits_2(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """A bare ValueError used to reach users as a traceback; now a recipe error, before the model loads."""
+    monkeypatch.setattr("vlmtune.train.world", lambda: (0, 3))
+    monkeypatch.setattr("vlmtune.train.build_model", lambda *a: pytest.fail("the model loaded first"))
+    recipe = write_run(tmp_path, tiny_model_dir, [GOOD] * 4)  # global 4, micro 1, 3 ranks
+    assert main(["finetune", "-c", str(recipe)]) == 2
+    err = one_line_error(capsys)
+    assert "train.global_batch_size: 4 is not a multiple of train.micro_batch_size (1) x the world size (3)" in err

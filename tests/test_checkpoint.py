@@ -36,7 +36,8 @@ from vlmtune.checkpoint import (
     truncate_metrics,
 )
 from vlmtune.config import build_recipe
-from vlmtune.train import TrainingError, finetune
+from vlmtune.errors import TrainingError
+from vlmtune.train import finetune
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
 

@@ -60,3 +60,17 @@ def test_missing_required_and_bad_override(tmp_path):
         apply_overrides({}, ["train.max_steps"])
     with pytest.raises(RecipeError, match=r"does not exist"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+def test_cross_field_problems_reported_at_once():
+    """Four impossible combinations in one recipe: one error that lists all four (one run to clear them)."""
+    t = tree(train__micro_batch_size="3", train__global_batch_size="8", train__micro_batch_tokens="16",
+             train__max_length="64", peft__vision="true", freeze__vision_tower="true")
+    del t["train"]["max_steps"]
+    with pytest.raises(RecipeError) as e:
+        build_recipe(t)
+    msg = str(e.value)
+    assert "4 problem(s)" in msg, msg
+    for part in ("multiple of micro_batch_size", "micro_batch_tokens (16) must be at least train.max_length (64)",
+                 "peft.vision=true puts adapters in the vision_tower", "max_steps or train.epochs"):
+        assert part in msg, msg

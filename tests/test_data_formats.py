@@ -11,20 +11,19 @@ import PIL.Image
 import pytest
 
 from vlmtune.config import DataSource
-from vlmtune.data import (
+from vlmtune.data.formats import (
     CAPTION_PROMPT,
     CORD_PROMPT,
-    DataError,
-    SampleError,
     check_columns,
     detect_format,
     json_to_tokens,
-    load_rows,
     required_columns,
     resolve_format,
     to_conversation,
     tokens_to_json,
 )
+from vlmtune.data.sources import load_rows
+from vlmtune.errors import DataError, SampleError
 
 
 @pytest.fixture(autouse=True)

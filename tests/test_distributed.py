@@ -314,7 +314,8 @@ def test_fsdp2_resume_on_one_rank(two_ranks, tiny_model_dir, color_data, tmp_pat
 
 
 def test_strategy_defaults_and_validation():
-    from vlmtune.parallel import DistributedError, grad_scale, resolve_strategy
+    from vlmtune.errors import DistributedError
+    from vlmtune.parallel import grad_scale, resolve_strategy
 
     assert resolve_strategy(DistributedConfig(), 1) == "none"
     assert resolve_strategy(DistributedConfig(), 2) == "fsdp2"

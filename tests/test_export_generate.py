@@ -16,9 +16,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from conftest import small_recipe
 from vlmtune.cli import main
 from vlmtune.config import ModelConfig, build_recipe
-from vlmtune.data.dataset import SFTDataset
+from vlmtune.data.dataset import ConversationDataset
 from vlmtune.generate import Generator, load_for_inference, split_conversation
-from vlmtune.loss import NON_MODEL_KEYS
+from vlmtune.loss import model_inputs
 from vlmtune.model import load_model
 
 CPU = torch.device("cpu")
@@ -27,7 +27,7 @@ ANSWERS = ["A cat.", "Total: 12,000", "Nothing here", "Two lines\nof text"]
 
 def logits(model, batch) -> torch.Tensor:
     with torch.no_grad():
-        return model.eval()(**{k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}).logits
+        return model.eval()(**model_inputs(batch)).logits
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -200,7 +200,7 @@ def test_generate_split_batched_equals_one_by_one(lora_run, tiny_model_dir, mess
     # The strong form: every step's logits of the left-padded batch equal those of each prompt alone.
     recipe = build_recipe(tree)
     model, processor, family = load_for_inference(lora_run / "final", model_cfg=recipe.model)
-    ds = SFTDataset(recipe.data.validation, None, "data.validation")
+    ds = ConversationDataset(recipe.data.validation, "data.validation")
     convs = [split_conversation(ds.conversation(i))[0] for i in range(4)]
     gen = Generator(model, processor, family, max_new_tokens=3)
     mask = gen.encode(convs)["attention_mask"]

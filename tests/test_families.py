@@ -13,15 +13,18 @@ from tiny import all_specs
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from conftest import cached_load_processor
+from vlmtune.batching import collate
+from vlmtune.checkpoint import save_hf
 from vlmtune.cli import main, trained_runs
-from vlmtune.collate import SampleEncoder, collate
 from vlmtune.config import FreezeConfig, ModelConfig, PeftConfig
+from vlmtune.encode import SampleEncoder
 from vlmtune.families import family_for, part_of
 from vlmtune.generate import Generator
 from vlmtune.kernels import LIGER_NORMS, norm_eps, rms_norm_reference, swappable_norms
+from vlmtune.loss import loss_sum
 from vlmtune.model import apply_freeze, apply_load_fixes, load_model, unused_parameters
 from vlmtune.peft import lora_targets
-from vlmtune.train import loss_sum, save_final, to_device
+from vlmtune.train import to_device
 
 SPECS = all_specs()
 NAMES = sorted(SPECS)
@@ -146,7 +149,7 @@ def image_batch(processor, family, spec):
 def test_save_reload_same_logits(name, loaded, tmp_path):
     model, processor, family = loaded
     batch = image_batch(processor, family, SPECS[name])
-    out = save_final(model, processor, tmp_path / "final")
+    out = save_hf(model, processor, tmp_path / "final")
     reloaded = apply_load_fixes(AutoModelForImageTextToText.from_pretrained(out), family).eval()
     inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "labels"}
     model.eval()

@@ -10,9 +10,10 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from conftest import cached_load_processor
+from vlmtune.batching import collate
 from vlmtune.cli import trained_runs
-from vlmtune.collate import SampleEncoder, collate
 from vlmtune.config import ModelConfig
+from vlmtune.encode import SampleEncoder
 from vlmtune.families import family_for
 
 

@@ -7,7 +7,7 @@ import json
 from tiny.llava import llava, llava_onevision
 
 from vlmtune.cli import trained_runs
-from vlmtune.collate import SampleEncoder, find_subsequence
+from vlmtune.encode import SampleEncoder, find_subsequence
 from vlmtune.families import family_for
 
 CONVERSATION = [

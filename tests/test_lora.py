@@ -15,11 +15,11 @@ from peft import PeftModel
 
 import vlmtune.train as train_mod
 from conftest import small_recipe
+from vlmtune.batching import collate
 from vlmtune.cli import main
-from vlmtune.collate import collate
 from vlmtune.config import FreezeConfig, ModelConfig, PeftConfig, RecipeError, build_recipe
 from vlmtune.families import family_for
-from vlmtune.loss import NON_MODEL_KEYS, loss_sum
+from vlmtune.loss import loss_sum, model_inputs
 from vlmtune.model import load_model
 from vlmtune.peft import (
     AdapterError,
@@ -62,9 +62,6 @@ def adapted(model) -> set[str]:
             if ".lora_" in n}
 
 
-def model_inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
-
 
 @pytest.fixture(scope="module")
 def text_batch(encoder):
@@ -84,13 +81,13 @@ def write_recipe(path: Path, tree: dict) -> str:
 
 def test_lora_run_through_cli_writes_a_peft_adapter(tiny_model_dir, cord_dir, tmp_path, monkeypatch, image_batch):
     captured = {}
-    real_save = train_mod.save_final
+    real_save = train_mod.save_hf
 
     def spy(model, processor, out):
         captured["model"] = model
         return real_save(model, processor, out)
 
-    monkeypatch.setattr(train_mod, "save_final", spy)
+    monkeypatch.setattr(train_mod, "save_hf", spy)
     tree = small_recipe(tiny_model_dir, cord_dir, tmp_path / "run")
     del tree["data"]["validation"]
     assert main(["finetune", "-c", write_recipe(tmp_path / "r.yaml", tree), "peft.method=lora"]) == 0
@@ -324,24 +321,24 @@ def test_gradient_check_lora_pairs(tiny_model_dir, image_batch):
     assert all(not g.ne(0).any() for n, g in grads.items() if ".lora_A." in n)
     assert all(g.ne(0).any() for n, g in grads.items() if ".lora_B." in n)
     check = GradientCheck(model, FAMILY)
-    check(model, [image_batch])
+    check(model, images=True)
     assert not check.pending
     # A dead adapter (lora_B gets no gradient) is caught, even though its lora_A is excused.
     name = next(n for n in grads if ".lora_B." in n)
     dict(model.named_parameters())[name].grad.zero_()
     with pytest.raises(GradientCheckError, match=r"all-zero gradient:.*\n\s+" + re.escape(name)):
-        GradientCheck(model, FAMILY)(model, [image_batch])
+        GradientCheck(model, FAMILY)(model, images=True)
 
 
 def test_gradient_check_defers_vision_parts_to_a_step_with_images(tiny_model_dir, text_batch, image_batch):
     model = fresh_model(tiny_model_dir)
     check = GradientCheck(model, FAMILY)
     loss_sum(model, text_batch).backward()  # no image: the vision tower cannot get gradients
-    check(model, [text_batch])
+    check(model, images=False)
     assert check.pending and all(n.startswith("model.visual.") for n in check.pending)
     model.zero_grad(set_to_none=True)
     loss_sum(model, image_batch).backward()
-    check(model, [image_batch])
+    check(model, images=True)
     assert not check.pending
 
 
@@ -351,7 +348,7 @@ def test_gradient_check_flags_frozen_parameter_with_gradient():
     model(torch.ones(1, 2)).sum().backward()
     model.bias.grad = torch.ones(2)
     with pytest.raises(GradientCheckError, match=r"frozen parameter\(s\) got a gradient:\n\s+bias"):
-        GradientCheck(model, FAMILY)(model, [{"input_ids": None}])
+        GradientCheck(model, FAMILY)(model, images=False)
 
 
 def _with_unused_layer(monkeypatch):

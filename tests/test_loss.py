@@ -19,8 +19,9 @@ from PIL import Image
 from tiny import all_specs, build
 
 from vlmtune import loss as vloss
-from vlmtune.collate import IGNORE, SampleEncoder, collate
+from vlmtune.batching import collate
 from vlmtune.config import FreezeConfig, ModelConfig, PeftConfig
+from vlmtune.encode import IGNORE, SampleEncoder
 from vlmtune.families import Family
 from vlmtune.loss import fusable_head, linear_cross_entropy, loss_sum, plain_loss_sum
 from vlmtune.model import load_model
@@ -283,8 +284,7 @@ def test_packed_row(case):
     c = case("llava")
     n = int(c.padded["attention_mask"][1].sum())  # the text-only row, twice
     ids, labels = c.padded["input_ids"][1, :n].repeat(2)[None], c.padded["labels"][1, :n].repeat(2)[None]
-    packed = {"input_ids": ids, "labels": labels, "indices": [0, 1], "skipped": [],
-              "position_ids": torch.arange(n).repeat(2)[None]}
+    packed = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(n).repeat(2)[None]}
     assert (labels[0, n:] != IGNORE).any() and labels[0, n] == IGNORE  # both samples supervised, each from its own
     want, grads = run(c.model, packed, None, backward=True)
     for chunk in (1, 9):

@@ -6,8 +6,8 @@ import warnings
 
 from PIL import Image
 
-from vlmtune.collate import SampleEncoder
 from vlmtune.config import ModelConfig
+from vlmtune.encode import SampleEncoder
 from vlmtune.families import family_for
 from vlmtune.model import load_processor
 

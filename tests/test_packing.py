@@ -14,10 +14,11 @@ from conftest import small_recipe
 from vlmtune import attention
 from vlmtune.attention import segments as real_segments
 from vlmtune.attention import use_segment_attention
-from vlmtune.batching import PackingError, check_packing, equalize, group, micro_batch, rope_index_module
-from vlmtune.collate import IGNORE, SampleEncoder
+from vlmtune.batching import check_packing, equalize, group, micro_batch, rope_index_module
 from vlmtune.config import ModelConfig, build_recipe
-from vlmtune.loss import NON_MODEL_KEYS, loss_sum
+from vlmtune.encode import IGNORE, SampleEncoder
+from vlmtune.errors import PackingError
+from vlmtune.loss import loss_sum, model_inputs
 from vlmtune.model import load_model
 from vlmtune.train import finetune, to_device
 
@@ -55,9 +56,6 @@ def conversations(spec) -> list[list[dict]]:
         [turn("user", *third), turn("assistant", text("Hi there, nothing else."))],
     ]
 
-
-def model_inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -122,9 +120,9 @@ def test_segments_only_from_an_exact_block_causal_mask(rows_per_check, monkeypat
 
 def test_packed_labels_never_cross_samples(encoder, cord_dir):
     from vlmtune.config import DataSource
-    from vlmtune.data.dataset import SFTDataset
+    from vlmtune.encode import EncodedDataset
 
-    ds = SFTDataset(DataSource(source=str(cord_dir), format="cord_v2"), encoder, "data.train")
+    ds = EncodedDataset.of(DataSource(source=str(cord_dir), format="cord_v2"), encoder, "data.train")
     samples = [ds[i] for i in range(3)]
     packed = micro_batch(samples, 151643, packed=True)
     starts = torch.tensor([0, *torch.tensor([s.length for s in samples]).cumsum(0)[:-1].tolist()])

@@ -10,8 +10,9 @@ import PIL.Image
 import pytest
 
 from vlmtune.config import DataSource
-from vlmtune.data import CORD_PROMPT, detect_format, load_rows, to_conversation, tokens_to_json, write_synthetic_cord
-from vlmtune.data.synthetic import STAMP
+from vlmtune.data.formats import CORD_PROMPT, detect_format, to_conversation, tokens_to_json
+from vlmtune.data.sources import load_rows
+from vlmtune.data.synthetic import STAMP, write_synthetic_cord
 
 
 @pytest.fixture(scope="module")

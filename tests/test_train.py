@@ -13,11 +13,12 @@ import yaml
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from conftest import small_recipe
-from vlmtune.collate import collate
+from vlmtune.batching import collate
+from vlmtune.checkpoint import save_hf
 from vlmtune.config import DataSource, ModelConfig, build_recipe
-from vlmtune.data.dataset import SFTDataset
+from vlmtune.encode import EncodedDataset
 from vlmtune.model import load_model
-from vlmtune.train import finetune, loss_sum, save_final
+from vlmtune.train import finetune, loss_sum
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -32,7 +33,7 @@ def loaded(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def samples(loaded, cord_dir, encoder):
-    ds = SFTDataset(DataSource(source=str(cord_dir), format="cord_v2"), encoder, "data.train")
+    ds = EncodedDataset.of(DataSource(source=str(cord_dir), format="cord_v2"), encoder, "data.train")
     return [ds[i] for i in range(4)]
 
 
@@ -124,7 +125,7 @@ def test_saved_model_reloads_with_same_logits(tmp_path, loaded, samples):
     loss_sum(model, collate(samples[:1], processor.tokenizer.pad_token_id)).backward()
     opt.step()
     model.zero_grad()
-    out = save_final(model, processor, tmp_path / "final")
+    out = save_hf(model, processor, tmp_path / "final")
     for f in ("model.safetensors", "config.json", "processor_config.json", "tokenizer_config.json",
               "chat_template.jinja", "generation_config.json"):
         assert (out / f).is_file(), f

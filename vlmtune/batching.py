@@ -18,21 +18,51 @@ from dataclasses import dataclass
 
 import torch
 
-from vlmtune.collate import IGNORE, Encoded, collate
+from vlmtune.encode import IGNORE, Encoded
+from vlmtune.errors import PackingError
 from vlmtune.families import Family
 from vlmtune.parallel import max_over_ranks
 
 VISION_PREFIX = "pixel_values"
 
 
-class PackingError(ValueError):
-    """train.packing was asked for a model where it cannot be exact."""
-
-
 def check_packing(family: Family) -> None:
     if family.no_packing:
         raise PackingError(f"train.packing=true is not supported for {family.name} models: {family.no_packing}. "
                            "Set train.packing=false (train.micro_batch_tokens still keeps padding low).")
+
+
+def collate(samples: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad sequence-aligned tensors on the right; concatenate the vision tensors. The result is the model's
+    inputs plus ``labels`` (see vlmtune.loss.model_inputs)."""
+    kept = list(samples)
+    batch: dict[str, torch.Tensor] = {}
+    if not kept:
+        return batch
+    width = max(e.length for e in kept)
+    keys = {k for e in kept for k in e.tensors}
+    seq_keys = set(kept[0].seq_keys)
+    for key in sorted(keys):
+        if key in seq_keys:
+            fill = {"input_ids": pad_id, "labels": IGNORE}.get(key, 0)
+            rows = [torch.nn.functional.pad(e.tensors[key], (0, width - e.length), value=fill) for e in kept]
+            batch[key] = torch.stack(rows)
+        else:
+            batch[key] = torch.cat(_zero_pad_trailing([e.tensors[key] for e in kept if key in e.tensors]))
+    return batch
+
+
+def _zero_pad_trailing(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Zero-pad all dimensions but the first to the largest among `tensors`, as a processor pads its own batch:
+    Idefics3 / SmolVLM return (1, images, C, H, W) per sample and skip the all-zero padding images."""
+    shape = tuple(max(sizes) for sizes in zip(*(t.shape[1:] for t in tensors), strict=True))
+    padded = []
+    for t in tensors:
+        if t.shape[1:] != shape:
+            t, small = t.new_zeros((t.shape[0], *shape)), t
+            t[tuple(slice(0, n) for n in small.shape)] = small
+        padded.append(t)
+    return padded
 
 
 def has_vision(sample: Encoded) -> bool:
@@ -88,15 +118,21 @@ def filler_sample(encoder) -> Encoded:
 
 
 def micro_batch(samples: list[Encoded], pad_id: int, filler: Encoded | None = None, packed: bool = False,
-                rope: torch.nn.Module | None = None) -> dict:
+                rope: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Collate one micro-batch, packed into one row if `packed` (`rope`: see :func:`rope_index_module`);
-    `filler` is added when no sample has images. ``vision_samples`` counts the real samples with images."""
-    vision = sum(has_vision(s) for s in samples)
-    rows = [*samples, filler] if filler is not None and not vision else list(samples)
+    `filler` is added when no sample has images."""
+    rows = [*samples, filler] if filler is not None and not any(has_vision(s) for s in samples) else list(samples)
     batch = collate(rows, pad_id)
-    batch["indices"] = [s.index for s in samples]
-    batch["vision_samples"] = vision
     return pack(batch, rope) if packed else batch
+
+
+@dataclass
+class MicroBatch:
+    """One forward's tensors (the model's inputs plus ``labels``) and what the loop keeps track of beside them."""
+
+    tensors: dict[str, torch.Tensor]
+    indices: list[int]  # dataset indices of the real samples (a filler row is not among them)
+    vision_samples: int  # real samples with images or video
 
 
 @dataclass
@@ -111,11 +147,15 @@ class Batcher:
     rope: torch.nn.Module | None
     filler: Encoded | None
 
-    def __call__(self, samples: list[Encoded]) -> list[dict]:
+    def __call__(self, samples: list[Encoded]) -> list[MicroBatch]:
         groups = group([s.length for s in samples], self.size, self.budget, self.packed)
         groups = equalize(groups, max_over_ranks(len(groups)))
-        return [micro_batch([samples[i] for i in g], self.pad_id, self.filler, self.packed, self.rope)
-                for g in groups]
+        out = []
+        for g in groups:
+            chosen = [samples[i] for i in g]
+            out.append(MicroBatch(micro_batch(chosen, self.pad_id, self.filler, self.packed, self.rope),
+                                  [s.index for s in chosen], sum(has_vision(s) for s in chosen)))
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------

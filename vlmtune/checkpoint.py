@@ -44,9 +44,15 @@ Resuming reproduces the uninterrupted run bit for bit on CPU: the checkpoint is 
 boundary, where the sampler position is exact; validation runs with the training RNG state saved and
 restored around it; and each DataLoader has its own generator, so starting one mid-epoch on resume does not
 shift the global (dropout) RNG stream. Not saved: buffers (a model whose buffers change while training,
-e.g. BatchNorm statistics, would get them back from ``model.name_or_path``). A multi-process run writes a
-sharded checkpoint instead (torch.distributed.checkpoint, every rank; see vlmtune/parallel.py and
-docs/distributed.md), which resumes on any number of ranks, one included.
+e.g. BatchNorm statistics, would get them back from ``model.name_or_path``).
+
+A multi-process run (and FSDP2 on one process, whose weights are DTensors) writes a sharded checkpoint instead:
+``dcp/`` (torch.distributed.checkpoint: trainable weights + optimizer state, every rank its shards),
+``rng-<rank>.pt``, ``scheduler.pt``, and the same trainer_state.json (with every rank's data position),
+recipe.yaml and COMPLETE; it resumes on any number of ranks, one included (docs/distributed.md).
+
+This module also holds the one Hugging Face writer (:func:`save_hf`): the run's ``final/`` folder, written whole
+by one process or gathered layer by layer from FSDP2 shards, and what ``vlmtune export`` writes.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ import shutil
 import signal
 import sys
 import threading
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -68,9 +75,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 
 from vlmtune.config import Recipe, recipe_to_yaml
+from vlmtune.errors import CheckpointError
+from vlmtune.parallel import world
 
 FORMAT_VERSION = 1
 COMPLETE = "COMPLETE"
@@ -79,12 +89,10 @@ OPTIMIZER = "optimizer.pt"
 RNG = "rng.pt"
 STATE = "trainer_state.json"
 RECIPE = "recipe.yaml"
+SHARD_BYTES = 2 * 1024**3  # size of a safetensors file of the final model (before the next one starts)
 _NAME = re.compile(r"step-(\d+)")
 _PARTIAL = re.compile(r"step-\d+\.tmp-\d+")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used, or a resume setting that cannot be honoured."""
+_UNIT = re.compile(r"^(.*?\.(?:layers|blocks)\.\d+)\.")
 
 
 @dataclass
@@ -97,6 +105,18 @@ class RunState:
     nonfinite_steps: int = 0  # optimizer steps skipped for a NaN/inf loss or gradient norm, in all
     bad_in_row: int = 0  # ... and in a row, up to now
     pending_validation: bool = False  # stopped by a signal before the validation due at `step`
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint saves and restores: the trained objects and the loop's counters."""
+
+    model: torch.nn.Module  # the model itself (not a DDP wrapper): parameter names, saving
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: object  # vlmtune.data.dataset.EpochSampler: the data position (epoch, offset)
+    metrics: object  # vlmtune.metrics.Metrics: samples seen, skips by reason
+    run: RunState
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -211,6 +231,108 @@ def truncate_metrics(path: Path, step: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Hugging Face folders: the run's final/ and vlmtune export
+
+
+def save_hf(model: torch.nn.Module, processor, out: Path, shard_bytes: int = SHARD_BYTES) -> Path:
+    """`model` as a Hugging Face folder (weights, config, processor, generation config), written beside `out` and
+    renamed in by one writer, so it is whole or absent. Every rank calls it: with FSDP2 the weights are gathered
+    layer by layer (a LoRA adapter: from every rank's shards) and rank 0 converts the names back to the checkpoint
+    layout (as save_pretrained does) and writes safetensors files of about `shard_bytes`, holding at most one
+    file's worth of tensors at once; unsharded, rank 0 alone saves."""
+    sharded, writer = sharded_weights(model), world()[0] == 0
+    tmp = out.with_name(out.name + ".tmp")
+    if writer:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if not sharded:
+        if writer:
+            model.save_pretrained(tmp, safe_serialization=True)
+    elif hasattr(model, "peft_config"):
+        adapter = {name: _full(p) for name, p in model.named_parameters() if p.requires_grad}
+        if writer:
+            model.save_pretrained(tmp, state_dict=adapter, safe_serialization=True)
+    else:
+        _write_full_model(model, tmp, writer, shard_bytes)
+    if writer:
+        processor.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    if sharded:
+        dist.barrier()
+    return out
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        t = t.full_tensor()
+    return t.detach().to("cpu").contiguous()
+
+
+def _chunks(state: dict[str, torch.Tensor]) -> Iterator[list[str]]:
+    """Keys grouped by layer (everything of ``...layers.N.`` / ``...blocks.N.`` together), in order."""
+    group, current = [], None
+    for key in state:
+        m = _UNIT.match(key)
+        unit = m.group(1) if m else None
+        if group and unit != current:
+            yield group
+            group = []
+        group.append(key)
+        current = unit
+    if group:
+        yield group
+
+
+def _write_full_model(model: torch.nn.Module, folder: Path, writer: bool, shard_bytes: int) -> None:
+    from safetensors.torch import save_file
+    from transformers.core_model_loading import revert_weight_conversion
+
+    state = model.state_dict()
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # targets of tied weights are not saved
+    files: list[tuple[str, list[str]]] = []
+    pending: dict[str, torch.Tensor] = {}
+    size = 0
+
+    def flush() -> None:
+        nonlocal pending, size
+        if pending:
+            name = f"model-{len(files) + 1:05d}.safetensors"
+            save_file(pending, str(folder / name), metadata={"format": "pt"})
+            files.append((name, list(pending)))
+        pending, size = {}, 0
+
+    for keys in _chunks(state):
+        tensors = {k: _full(state[k]) for k in keys if k not in tied}  # collective: every rank
+        if not writer or not tensors:
+            continue
+        tensors = revert_weight_conversion(model, tensors)
+        pending.update(tensors)
+        size += sum(t.numel() * t.element_size() for t in tensors.values())
+        if size >= shard_bytes:
+            flush()
+    if not writer:
+        return
+    flush()
+    model.config.save_pretrained(folder)
+    if len(files) == 1:
+        os.replace(folder / files[0][0], folder / "model.safetensors")
+        return
+    weight_map = {}
+    for i, (name, keys) in enumerate(files, 1):
+        final = f"model-{i:05d}-of-{len(files):05d}.safetensors"
+        os.replace(folder / name, folder / final)
+        weight_map.update({k: final for k in keys})
+    total = sum((folder / f).stat().st_size for f in set(weight_map.values()))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The checkpoint folder of a run
 
 
@@ -221,6 +343,11 @@ def _flat(tree: object, prefix: str = "") -> dict[str, object]:
             out.update(_flat(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: tree}
+
+
+# Recipe keys that may change between a run and its resumption without changing what is trained.
+_BOOKKEEPING = ("resume", "output_dir", "checkpoint.", "train.log_every_steps", "train.max_bad_steps",
+                "train.check_gradients", "data.num_workers", "distributed.")
 
 
 # Recipe keys that may change between a run and its resumption without changing what is trained.
@@ -294,31 +421,31 @@ class Checkpoints:
         self.remove_partial()
         return path
 
-    def save(self, recipe: Recipe, run: RunState, model, optimizer, scheduler, sampler, metrics) -> Path:
-        """Write the checkpoint of step `run.step` atomically, then apply ``keep``. Returns its folder."""
-        if torch.distributed.is_initialized():
-            from vlmtune.parallel import save_sharded, sharded_weights
-
-            # Every rank writes its shards (torch.distributed.checkpoint); FSDP2 on one GPU holds DTensors too.
-            if torch.distributed.get_world_size() > 1 or sharded_weights(model):
-                return save_sharded(self, recipe, run, model, optimizer, scheduler, sampler, metrics)
-        final = self.directory / f"step-{run.step:06d}"
+    def save(self, recipe: Recipe, state: TrainState) -> Path:
+        """Write the checkpoint of step `state.run.step` atomically, then apply ``keep``. Returns its folder.
+        Every rank calls it; sharded weights (several ranks, or FSDP2 on one) take the sharded form."""
+        if dist.is_initialized() and (dist.get_world_size() > 1 or sharded_weights(state.model)):
+            return _save_sharded(self, recipe, state)
+        final = self.directory / f"step-{state.run.step:06d}"
         if not self.writer:
             return final
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.directory / f"{final.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        n = _write_trainable(tmp / TRAINABLE, model)
-        _write_torch(tmp / OPTIMIZER, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
+        n = _write_trainable(tmp / TRAINABLE, state.model)
+        _write_torch(tmp / OPTIMIZER, {"optimizer": state.optimizer.state_dict(),
+                                       "scheduler": state.scheduler.state_dict()})
         _write_torch(tmp / RNG, rng_state())
-        state = {"format": FORMAT_VERSION, **asdict(run), "trainable_tensors": n,
-                 "data": {"epoch": sampler.epoch, "offset": sampler.offset},
-                 "metrics": {"seen": metrics.seen, "skipped": dict(metrics.skipped),
-                             "examples": dict(metrics.examples)}}
-        _write_text(tmp / STATE, json.dumps(state, indent=2) + "\n")
+        _write_text(tmp / STATE, json.dumps({**_state_record(state), "trainable_tensors": n}, indent=2) + "\n")
+        self._publish(tmp, final, recipe)
+        return final
+
+    def _publish(self, tmp: Path, final: Path, recipe: Recipe) -> None:
+        """recipe.yaml and COMPLETE last, then the folder renamed into place (an older one of the same step moved
+        aside first), then ``keep`` applied."""
         _write_text(tmp / RECIPE, recipe_to_yaml(recipe))
-        _write_text(tmp / COMPLETE, f"step {run.step}\n")
+        _write_text(tmp / COMPLETE, f"step {_step_of(final)}\n")
         _fsync_path(tmp)
         old = None
         if final.exists():  # e.g. the same step saved by an earlier attempt: move it aside, then replace
@@ -330,7 +457,6 @@ class Checkpoints:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         self.prune()
-        return final
 
     def prune(self) -> None:
         """Delete all but the newest ``keep`` complete checkpoints."""
@@ -348,44 +474,50 @@ class Checkpoints:
                 print(f"vlmtune: removing {p}: it is newer than the checkpoint this run resumes from", flush=True)
                 shutil.rmtree(p, ignore_errors=True)
 
-    def load(self, path: Path, recipe: Recipe, model, optimizer, scheduler, sampler, metrics) -> RunState:
-        """Restore everything from `path` into the freshly built objects; sets the RNG states last."""
-        state = read_state(path)
-        if state.get("format") != FORMAT_VERSION:
-            raise CheckpointError(f"{path}: checkpoint format {state.get('format')!r} is not supported by this "
+    def load(self, path: Path, recipe: Recipe, state: TrainState) -> None:
+        """Restore everything from `path` into the freshly built objects of `state`; the RNG states last."""
+        saved = read_state(path)
+        if saved.get("format") != FORMAT_VERSION:
+            raise CheckpointError(f"{path}: checkpoint format {saved.get('format')!r} is not supported by this "
                                   f"vlmtune (it reads format {FORMAT_VERSION})")
         if (path / RECIPE).is_file():
             changes = recipe_changes((path / RECIPE).read_text(), recipe)
             if changes:
                 print("vlmtune: note: the recipe differs from the one that wrote the checkpoint; continuing with "
                       "the new values:\n    " + "\n    ".join(changes), flush=True)
-        if state.get("sharded"):  # written by several ranks (vlmtune/parallel.py); loads on any number of ranks
-            from vlmtune.parallel import load_sharded
-
-            rng = load_sharded(path, state, model, optimizer, scheduler, sampler)
+        if saved.get("sharded"):  # written by several ranks; loads on any number of ranks
+            rng = _load_sharded(path, saved, state)
         else:
-            load_trainable(path / TRAINABLE, model)
+            load_trainable(path / TRAINABLE, state.model)
             opt = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
             try:
-                optimizer.load_state_dict(opt["optimizer"])
+                state.optimizer.load_state_dict(opt["optimizer"])
             except ValueError as e:
                 raise CheckpointError(f"{path / OPTIMIZER}: does not fit this run's optimizer ({e}); was the "
                                       "checkpoint written with another freeze/peft setting?") from e
-            scheduler.load_state_dict(opt["scheduler"])
-            sampler.epoch, sampler.offset = state["data"]["epoch"], state["data"]["offset"]
+            state.scheduler.load_state_dict(opt["scheduler"])
+            state.sampler.epoch, state.sampler.offset = saved["data"]["epoch"], saved["data"]["offset"]
             rng = torch.load(path / RNG, map_location="cpu", weights_only=True)
-        m = state["metrics"]
+        m, metrics = saved["metrics"], state.metrics
         metrics.seen, metrics.skipped, metrics.examples = m["seen"], Counter(m["skipped"]), dict(m["examples"])
-        run = RunState(**{k: state[k] for k in RunState.__dataclass_fields__})
+        state.run = RunState(**{k: saved[k] for k in RunState.__dataclass_fields__})
         set_rng_state(rng)
         if self.writer:
-            dropped = truncate_metrics(metrics.path, run.step)
+            dropped = truncate_metrics(metrics.path, state.run.step)
             if dropped:
-                print(f"vlmtune: dropped {dropped} line(s) after step {run.step} from {metrics.path}", flush=True)
-        self.drop_newer(run.step)
-        print(f"vlmtune: resumed from {path} (step {run.step}, epoch {sampler.epoch}, sample {sampler.offset} of "
-              "that epoch)", flush=True)
-        return run
+                print(f"vlmtune: dropped {dropped} line(s) after step {state.run.step} from {metrics.path}",
+                      flush=True)
+        self.drop_newer(state.run.step)
+        print(f"vlmtune: resumed from {path} (step {state.run.step}, epoch {state.sampler.epoch}, sample "
+              f"{state.sampler.offset} of that epoch)", flush=True)
+
+
+def _state_record(state: TrainState) -> dict:
+    """trainer_state.json's common part: format, counters, data position, skip counters."""
+    m = state.metrics
+    return {"format": FORMAT_VERSION, **asdict(state.run),
+            "data": {"epoch": state.sampler.epoch, "offset": state.sampler.offset},
+            "metrics": {"seen": m.seen, "skipped": dict(m.skipped), "examples": dict(m.examples)}}
 
 
 def read_state(path: Path) -> dict:
@@ -413,6 +545,86 @@ def load_trainable(path: Path, model: torch.nn.Module) -> None:
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[name])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sharded checkpoints (torch.distributed.checkpoint), written by every rank, loadable on any number of ranks
+
+
+def _dcp_options(strict: bool = True):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Only what trains is saved (frozen weights come back from model.name_or_path, as in one process).
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
+
+
+def sharded_weights(model: torch.nn.Module) -> bool:
+    """FSDP2 holds the weights as DTensors, on one process too: their checkpoint must be the sharded one."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _save_sharded(ckpts: Checkpoints, recipe: Recipe, state: TrainState) -> Path:
+    """The multi-process form of Checkpoints.save: ``dcp/`` (each rank its shards), ``rng-<rank>.pt``, rank 0's
+    ``scheduler.pt`` and trainer_state.json (with every rank's data position); rank 0 publishes the folder after
+    a barrier."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    final = ckpts.directory / f"step-{state.run.step:06d}"
+    name = [f"{final.name}.tmp-{os.getpid()}"]
+    dist.broadcast_object_list(name, src=0)  # one folder for all ranks: rank 0's pid
+    tmp = ckpts.directory / name[0]
+    if rank == 0:
+        ckpts.directory.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(state.model, state.optimizer, options=_dcp_options())
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+    _write_torch(tmp / f"rng-{rank}.pt", rng_state())
+    positions = [None] * world_size
+    dist.all_gather_object(positions, [state.sampler.epoch, state.sampler.offset])
+    dist.barrier()  # every rank's files are written
+    if rank == 0:
+        _write_torch(tmp / "scheduler.pt", state.scheduler.state_dict())
+        record = _state_record(state)
+        record["data"]["positions"] = positions
+        _write_text(tmp / STATE, json.dumps({**record, "sharded": True, "world_size": world_size}, indent=2) + "\n")
+        ckpts._publish(tmp, final, recipe)
+    dist.barrier()
+    return final
+
+
+def _load_sharded(path: Path, saved: dict, state: TrainState) -> dict:
+    """Load a sharded checkpoint on this run's ranks (any number, one included); returns the RNG state to restore
+    (this rank's, or rank 0's when the checkpoint had fewer ranks)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(state.model, state.optimizer, options=_dcp_options())
+    loaded = {"model": model_sd, "optim": optim_sd}
+    with warnings.catch_warnings():  # one process: DCP says it assumes so, which is what we want
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+        dcp.load(loaded, checkpoint_id=str(path / "dcp"))
+    set_state_dict(state.model, state.optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"],
+                   options=_dcp_options(strict=False))
+    state.scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+    rank, world_size = world()
+    # Every rank consumed the same number of samples of the epoch, so the global position is old world x offset.
+    positions = saved["data"]["positions"]
+    if len({tuple(p) for p in positions}) != 1:
+        raise CheckpointError(f"{path}: the ranks stopped at different data positions {positions}")
+    epoch, offset = positions[0]
+    consumed = offset * len(positions)
+    if consumed % world_size:
+        raise CheckpointError(f"{path}: {consumed} samples of epoch {epoch} were seen by {len(positions)} rank(s); "
+                              f"that does not split evenly over {world_size} rank(s)")
+    state.sampler.epoch, state.sampler.offset = epoch, consumed // world_size
+    rng = path / f"rng-{rank}.pt"
+    return torch.load(rng if rng.is_file() else path / "rng-0.pt", map_location="cpu", weights_only=True)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -8,9 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from vlmtune.config import RecipeError, apply_overrides, build_recipe, load_yaml, parse_override
-
-USER_ERRORS: tuple[type[Exception], ...] = (RecipeError,)
+from vlmtune.config import apply_overrides, build_recipe, load_yaml, parse_override
+from vlmtune.errors import GenerateError, RecipeError, VlmtuneError
 
 
 def recipe_from_args(args: argparse.Namespace, build_demo: bool = True):
@@ -66,8 +65,7 @@ def render_runs(runs, decode, fmt: str) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from vlmtune.collate import SampleEncoder, Skipped
-    from vlmtune.data.dataset import SFTDataset
+    from vlmtune.encode import EncodedDataset, SampleEncoder, Skipped
     from vlmtune.families import family_for
     from vlmtune.model import load_config, load_processor
 
@@ -78,7 +76,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if spec is None:
         raise RecipeError("inspect --split validation: the recipe has no data.validation")
     encoder = SampleEncoder(processor, family, recipe.train.max_length, recipe.train.overlong)
-    ds = SFTDataset(spec, encoder, f"data.{args.split}")
+    ds = EncodedDataset.of(spec, encoder, f"data.{args.split}")
     if not 0 <= args.index < len(ds):
         raise RecipeError(f"--index {args.index} is out of range: data.{args.split} has {len(ds)} rows")
     item = ds[args.index]
@@ -110,7 +108,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from vlmtune.config import ModelConfig
-    from vlmtune.generate import GenerateError, default_model, generate_one, generate_split
+    from vlmtune.generate import default_model, generate_one, generate_split
 
     for flag, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens),
                         ("--limit", args.limit)):
@@ -194,26 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-    from vlmtune.checkpoint import CheckpointError
-    from vlmtune.data.formats import DataError
-    from vlmtune.export import ExportError
-    from vlmtune.families import FamilyError
-    from vlmtune.generate import GenerateError
-    from vlmtune.kernels import KernelError
-    from vlmtune.model import ModelLoadError
-    from vlmtune.peft import AdapterError, GradientCheckError
-    from vlmtune.train import TrainingError
-
-    return (*USER_ERRORS, DataError, ModelLoadError, FamilyError, AdapterError, GradientCheckError, ExportError,
-            GenerateError, CheckpointError, TrainingError, KernelError)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except user_errors() as e:
+    except VlmtuneError as e:  # every error a user can cause (vlmtune/errors.py): one message, exit code 2
         print(f"vlmtune {args.command}: error: {e}", file=sys.stderr)
         return 2
 

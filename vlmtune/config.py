@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-PARTS = ("vision_tower", "projector", "language_model")  # the parts of every family (vlmtune/families.py)
+from vlmtune.data.formats import FORMAT_NAMES
+from vlmtune.errors import RecipeError
+from vlmtune.families import PARTS
 
-DataFormat = Literal["auto", "cord_v2", "rdr", "messages", "llava", "sharegpt", "columns"]
+DataFormat = Literal[("auto", *FORMAT_NAMES)]  # the rows of vlmtune/data/formats.py's table
 
 
 class _Strict(BaseModel):
@@ -90,20 +92,6 @@ class TrainConfig(_Strict):
     # RMSNorm (CUDA + `pip install liger-kernel`), applied to the loaded model only (vlmtune/kernels.py).
     # torch: vlmtune's own loss and the model's own modules.
     kernels: Literal["torch", "liger"] = "torch"
-
-    @model_validator(mode="after")
-    def _batch_sizes(self) -> TrainConfig:
-        if self.global_batch_size % self.micro_batch_size:
-            raise ValueError(
-                f"global_batch_size ({self.global_batch_size}) must be a multiple of micro_batch_size "
-                f"({self.micro_batch_size}); gradient accumulation = global / (micro * world size)"
-            )
-        if self.max_steps is None and self.epochs is None:
-            raise ValueError("set train.max_steps or train.epochs")
-        if self.micro_batch_tokens is not None and self.micro_batch_tokens < self.max_length:
-            raise ValueError(f"micro_batch_tokens ({self.micro_batch_tokens}) must be at least max_length "
-                             f"({self.max_length}), so that every sample fits in a micro-batch")
-        return self
 
 
 class FreezeConfig(_Strict):
@@ -196,34 +184,6 @@ class Recipe(_Strict):
     # a path: that checkpoint folder.
     resume: str | None = None
 
-    @model_validator(mode="after")
-    def _something_trains(self) -> Recipe:
-        if self.freeze.vision_tower and self.freeze.projector and self.freeze.language_model:
-            raise ValueError("freeze.vision_tower, freeze.projector and freeze.language_model are all true: "
-                             "nothing would train; unfreeze at least one")
-        return self
-
-    @model_validator(mode="after")
-    def _peft_and_freeze(self) -> Recipe:
-        """With adapters, freeze.<part>=true means "no adapters in that part"; the switches must agree."""
-        p, f = self.peft, self.freeze
-        if p is None:
-            return self
-        for switch, part in (("vision", "vision_tower"), ("projector", "projector")):
-            if getattr(p, switch) and getattr(f, part):
-                raise ValueError(f"peft.{switch}=true puts adapters in the {part}, but freeze.{part}=true says "
-                                 f"nothing there trains (with peft, freeze.<part> means no adapters in that "
-                                 f"part); set one of them to false")
-        if f.language_model and not (p.vision or p.projector or p.modules_to_save):
-            raise ValueError("freeze.language_model=true (with peft: no adapters in the language model) and "
-                             "peft.vision / peft.projector are false: nothing would train; set peft.vision=true "
-                             "or peft.projector=true, or unfreeze the language model")
-        return self
-
-
-class RecipeError(ValueError):
-    """Every problem with a recipe, one per line."""
-
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a","b","c"], value parsed as YAML, so 3 -> int, true -> bool, null -> None)."""
@@ -284,12 +244,57 @@ def _format_error(err: dict) -> str:
     return f"{key}: {msg} (got {err.get('input')!r})" if err["type"] != "value_error" else f"{key}: {msg}"
 
 
+def _problems(lines: list[str]) -> RecipeError:
+    return RecipeError(f"the recipe has {len(lines)} problem(s):\n  - " + "\n  - ".join(lines))
+
+
+def cross_field_problems(r: Recipe) -> list[str]:
+    """Problems no single key shows, every one of them (each valid value alone, impossible together)."""
+    t, f, p = r.train, r.freeze, r.peft
+    out = []
+    if t.global_batch_size % t.micro_batch_size:
+        out.append(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of micro_batch_size "
+                   f"({t.micro_batch_size}); gradient accumulation = global / (micro * world size)")
+    if t.max_steps is None and t.epochs is None:
+        out.append("set train.max_steps or train.epochs")
+    if t.micro_batch_tokens is not None and t.micro_batch_tokens < t.max_length:
+        out.append(f"train.micro_batch_tokens ({t.micro_batch_tokens}) must be at least train.max_length "
+                   f"({t.max_length}), so that every sample fits in a micro-batch")
+    if f.vision_tower and f.projector and f.language_model:
+        out.append("freeze.vision_tower, freeze.projector and freeze.language_model are all true: nothing would "
+                   "train; unfreeze at least one")
+    if p is not None:  # with adapters, freeze.<part>=true means "no adapters in that part"
+        for switch, part in (("vision", "vision_tower"), ("projector", "projector")):
+            if getattr(p, switch) and getattr(f, part):
+                out.append(f"peft.{switch}=true puts adapters in the {part}, but freeze.{part}=true says nothing "
+                           "there trains (with peft, freeze.<part> means no adapters in that part); set one of "
+                           "them to false")
+        if f.language_model and not (p.vision or p.projector or p.modules_to_save):
+            out.append("freeze.language_model=true (with peft: no adapters in the language model) and "
+                       "peft.vision / peft.projector are false: nothing would train; set peft.vision=true or "
+                       "peft.projector=true, or unfreeze the language model")
+    return out
+
+
+def accumulation_steps(train: TrainConfig, world_size: int) -> int:
+    """Micro-batches per optimizer step on each rank: global batch / (micro-batch x world size), exactly."""
+    per_step = train.micro_batch_size * world_size
+    if train.global_batch_size % per_step:
+        raise _problems([f"train.global_batch_size: {train.global_batch_size} is not a multiple of "
+                         f"train.micro_batch_size ({train.micro_batch_size}) x the world size ({world_size}); "
+                         f"use a multiple of {per_step}, or another micro_batch_size"])
+    return train.global_batch_size // per_step
+
+
 def build_recipe(tree: dict) -> Recipe:
     try:
-        return Recipe.model_validate(tree)
+        recipe = Recipe.model_validate(tree)
     except ValidationError as e:
-        lines = [_format_error(err) for err in e.errors()]
-        raise RecipeError(f"the recipe has {len(lines)} problem(s):\n  - " + "\n  - ".join(lines)) from None
+        raise _problems([_format_error(err) for err in e.errors()]) from None
+    problems = cross_field_problems(recipe)
+    if problems:
+        raise _problems(problems)
+    return recipe
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = (), default: dict | None = None) -> Recipe:

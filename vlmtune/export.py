@@ -17,17 +17,14 @@ from pathlib import Path
 
 import torch
 
-from vlmtune.config import ModelConfig
+from vlmtune.checkpoint import COMPLETE, RECIPE, TRAINABLE, load_trainable, save_hf
+from vlmtune.config import ModelConfig, build_recipe, load_yaml
+from vlmtune.errors import ExportError
 from vlmtune.generate import has_processor
-from vlmtune.model import load_config, load_model, load_processor
-from vlmtune.peft import adapter_base, attach_adapter, is_adapter_dir
+from vlmtune.model import apply_freeze, load_config, load_model, load_processor
+from vlmtune.peft import adapter_base, apply_lora, attach_adapter, is_adapter_dir
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-CHECKPOINT_MARK = "trainable.safetensors"  # vlmtune.checkpoint.TRAINABLE: what marks a training checkpoint
-
-
-class ExportError(ValueError):
-    """An export that cannot be done as asked."""
 
 
 def saved_dtype(name_or_path: str) -> str:
@@ -47,11 +44,9 @@ def _check_out(source: Path, out: Path) -> None:
 
 
 def _write_model(model: torch.nn.Module, processor, out: Path, dtype: str) -> Path:
-    from vlmtune.train import save_final
-
     model.to(getattr(torch, dtype))
     out.parent.mkdir(parents=True, exist_ok=True)
-    return save_final(model, processor, out)
+    return save_hf(model, processor, out)
 
 
 def _copy_adapter(source: Path, out: Path) -> Path:
@@ -82,7 +77,7 @@ def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype: 
     _check_out(source, out)
     cpu = torch.device("cpu")
 
-    if (source / CHECKPOINT_MARK).is_file():
+    if (source / TRAINABLE).is_file():
         return _export_checkpoint(source, out, merge, dtype)
     if is_adapter_dir(source):
         if not merge:
@@ -99,7 +94,7 @@ def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype: 
         hint = ("; it looks like a run's output_dir: pass its final/ folder or one of its checkpoints/step-* folders"
                 if (source / "final").is_dir() or (source / "checkpoints").is_dir() else "")
         raise ExportError(f"--checkpoint {checkpoint} holds neither a model (config.json), a PEFT adapter "
-                          f"(adapter_config.json) nor a vlmtune checkpoint ({CHECKPOINT_MARK}){hint}")
+                          f"(adapter_config.json) nor a vlmtune checkpoint ({TRAINABLE}){hint}")
     if merge:
         raise ExportError(f"--merge: {checkpoint} is a full model, not an adapter; there is nothing to merge")
     target = saved_dtype(str(source)) if dtype == "auto" else dtype
@@ -112,11 +107,6 @@ def _export_checkpoint(source: Path, out: Path, merge: bool, dtype: str) -> Path
     """A training checkpoint (vlmtune/checkpoint.py: trainable tensors + the recipe): rebuild the model as the
     run built it (base weights from its model.name_or_path, freezing or adapters), load the trained tensors,
     and write it like the run's final/ folder would be (an adapter for a LoRA run, unless merged)."""
-    from vlmtune.checkpoint import COMPLETE, RECIPE, load_trainable
-    from vlmtune.config import build_recipe, load_yaml
-    from vlmtune.model import apply_freeze
-    from vlmtune.peft import apply_lora
-
     if not (source / COMPLETE).is_file():
         raise ExportError(f"--checkpoint {source} is an incomplete checkpoint (no {COMPLETE} marker: its save did "
                           "not finish); use another one")
@@ -133,7 +123,7 @@ def _export_checkpoint(source: Path, out: Path, merge: bool, dtype: str) -> Path
                               recipe.model.revision)
     else:
         apply_freeze(model, family, recipe.freeze)
-    load_trainable(source / CHECKPOINT_MARK, model)
+    load_trainable(source / TRAINABLE, model)
     model.eval()
     if merge:
         model = model.merge_and_unload()

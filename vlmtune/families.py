@@ -7,6 +7,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vlmtune.errors import FamilyError
+
+# The parts every family names (a family may add parts of its own, e.g. Gemma 3n's audio tower).
+PARTS = ("vision_tower", "projector", "language_model")
+VISION_PARTS = ("vision_tower", "projector")  # get gradients only from steps that carry images or video
+
+
+def frozen_parts(freeze) -> set[str]:
+    """The parts a recipe's ``freeze`` section switches off."""
+    return {part for part in PARTS if getattr(freeze, part)}
 # Parts of a model, as parameter-name prefixes. A parameter belongs to the part with the longest matching
 # prefix, so a projector nested inside the vision tower (Qwen's ``model.visual.merger``) is the projector.
 QWEN_PARTS = {
@@ -128,10 +138,6 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 _BY_MODEL_TYPE = {mt: fam for fam in FAMILIES for mt in fam.model_types}
-
-
-class FamilyError(ValueError):
-    pass
 
 
 def family_for(model_type: str) -> Family:

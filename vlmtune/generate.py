@@ -19,8 +19,10 @@ from pathlib import Path
 import PIL.Image
 import torch
 
-from vlmtune.collate import SampleEncoder, media_of
-from vlmtune.config import ModelConfig, Recipe
+from vlmtune.config import ModelConfig, Recipe, RecipeError
+from vlmtune.data.dataset import ConversationDataset
+from vlmtune.encode import media_of
+from vlmtune.errors import GenerateError, SampleError
 from vlmtune.families import Family
 from vlmtune.model import autocast_dtype, load_model, pick_device
 from vlmtune.peft import adapter_base, attach_adapter, is_adapter_dir
@@ -31,10 +33,6 @@ PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokeniz
 def has_processor(folder: str | Path | None) -> bool:
     """Whether a processor was saved in `folder` (vlmtune saves one beside every adapter)."""
     return folder is not None and any((Path(folder) / f).is_file() for f in PROCESSOR_FILES)
-
-
-class GenerateError(ValueError):
-    """Bad generation inputs (a missing image, no model to use)."""
 
 
 def load_for_inference(model_path: str | Path, adapter: str | Path | None = None, device: torch.device | None = None,
@@ -157,18 +155,13 @@ def generate_split(recipe: Recipe, split: str, out: str | Path, model_path: str 
 
     Returns (path, samples written, samples skipped because their record could not be read).
     """
-    from vlmtune.config import RecipeError
-    from vlmtune.data.dataset import SFTDataset
-    from vlmtune.data.formats import SampleError
-
     spec = recipe.data.train if split == "train" else recipe.data.validation
     if spec is None:
         raise RecipeError(f"generate --split {split}: the recipe has no data.{split}")
     model_path = model_path or default_model(recipe)
     print(f"vlmtune generate: model {model_path}" + (f" + adapter {adapter}" if adapter else ""), file=sys.stderr)
     model, processor, family = load_for_inference(model_path, adapter, pick_device(recipe.train.device), recipe.model)
-    encoder = SampleEncoder(processor, family, recipe.train.max_length, recipe.train.overlong)
-    ds = SFTDataset(spec, encoder, f"data.{split}")
+    ds = ConversationDataset(spec, f"data.{split}")
     gen = Generator(model, processor, family, max_new_tokens, temperature)
     n = len(ds) if limit is None else min(limit, len(ds))
     out = Path(out)

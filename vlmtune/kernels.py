@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from vlmtune.errors import KernelError
+
 INSTALL_HINT = "pip install liger-kernel (needs a CUDA GPU and Triton)"
 
 # HF RMSNorm class -> (offset, casting mode) of the Liger RMSNorm that computes the same, see rms_norm_reference.
@@ -37,10 +39,6 @@ LIGER_NORMS: dict[str, tuple[float, str]] = {
     "Idefics3RMSNorm": (0.0, "llama"),
     "InternVLVisionRMSNorm": (0.0, "llama"),
 }
-
-
-class KernelError(RuntimeError):
-    pass
 
 
 def require_liger(device: torch.device) -> None:

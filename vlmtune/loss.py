@@ -30,15 +30,28 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vlmtune.collate import IGNORE
+from vlmtune.encode import IGNORE
 
-# Batch keys that are not model inputs (vlmtune/batching.py adds the last two).
-NON_MODEL_KEYS = ("labels", "skipped", "indices", "vision_samples")
 PROBE_MAGNITUDE = 100.0  # largest probe logit: far into any soft-cap's flat part, so a cap shows at once
 PROBE_TOLERANCE = 0.02  # of the probe magnitude: bf16 rounding of logits near 100 is 0.5, a missed cap is > 50
 
 # Output head -> whether the model's logits for a probe row matched head_logits (the fused path is then safe).
 _CHECKED: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model gets from a micro-batch (vlmtune/batching.py): every tensor but the labels."""
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def targets_of(labels: torch.Tensor) -> torch.Tensor:
+    """The next-token targets: position t predicts labels[t + 1]; -100 (IGNORE) where nothing is trained."""
+    return labels[:, 1:]
+
+
+def supervised_count(labels: torch.Tensor) -> int:
+    """The number of supervised tokens (targets that are trained) in a micro-batch's labels."""
+    return int((targets_of(labels) != IGNORE).sum())
 
 
 def loss_sum(model: torch.nn.Module, batch: dict, chunk_tokens: int | None = 1024,
@@ -65,10 +78,9 @@ def plain_loss_sum(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     Only positions that predict a supervised token get logits (``logits_to_keep``), so the full
     sequence x vocabulary logits are never built.
     """
-    targets = batch["labels"][:, 1:]
+    targets = targets_of(batch["labels"])
     keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(1)
-    inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
-    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+    logits = model(**model_inputs(batch), logits_to_keep=keep, use_cache=False).logits
     return F.cross_entropy(logits.float().flatten(0, 1), targets[:, keep].flatten(), ignore_index=IGNORE,
                            reduction="sum")
 
@@ -137,7 +149,7 @@ class _Capture:
 
 def _fused_loss_sum(model: torch.nn.Module, head: torch.nn.Linear, batch: dict, chunk_tokens: int,
                     kernel: str) -> torch.Tensor:
-    targets = batch["labels"][:, 1:]
+    targets = targets_of(batch["labels"])
     keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(1)
     if keep.numel() == 0:  # nothing supervised: the plain path's empty logits are free
         return plain_loss_sum(model, batch)
@@ -163,8 +175,7 @@ def _fused_loss_sum(model: torch.nn.Module, head: torch.nn.Linear, batch: dict, 
 
     handle = head.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        out = model(**{k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}, logits_to_keep=keep,
-                    use_cache=False)
+        out = model(**model_inputs(batch), logits_to_keep=keep, use_cache=False)
     finally:
         handle.remove()
     if seen.loss is None and seen.calls <= 1:  # the head ran untouched: out.logits are the plain path's

@@ -12,12 +12,9 @@ from packaging.version import Version
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PretrainedConfig
 
 from vlmtune.config import FreezeConfig, ModelConfig
-from vlmtune.families import Family, family_for, part_of
+from vlmtune.errors import ModelLoadError
+from vlmtune.families import Family, family_for, frozen_parts, part_of
 from vlmtune.models import register_native_models
-
-
-class ModelLoadError(RuntimeError):
-    pass
 
 
 def pick_device(choice: str = "auto") -> torch.device:
@@ -195,7 +192,7 @@ def parameter_parts(model: torch.nn.Module, family: Family) -> dict[str, str | N
 
 def apply_freeze(model: torch.nn.Module, family: Family, freeze: FreezeConfig) -> dict[str, int]:
     """Freeze the parts the recipe asks for; returns trainable parameter counts per part."""
-    frozen = {part for part in ("vision_tower", "projector", "language_model") if getattr(freeze, part)}
+    frozen = frozen_parts(freeze)
     counts: dict[str, int] = {}
     for name, param in model.named_parameters():
         part = part_of(name, family)

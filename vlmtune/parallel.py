@@ -1,4 +1,6 @@
-"""Several processes (``torchrun``): the process group, FSDP2 / DDP, activation checkpointing, the final save.
+"""Several processes (``torchrun``): the process group, collectives, FSDP2 / DDP, activation checkpointing.
+
+Checkpoints (sharded and not) and the gathered final save live in vlmtune/checkpoint.py.
 
 Recipe keys (``distributed.*``, read when ``WORLD_SIZE`` > 1 or the strategy is named, see docs/distributed.md)
 -------------------------------------------------------------------------------------------------------------
@@ -35,31 +37,27 @@ needs no ``enable_input_require_grads`` for LoRA.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import re
-import shutil
 import warnings
 from collections.abc import Iterator
 from datetime import timedelta
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from vlmtune.families import Family
-
-SHARD_BYTES = 2 * 1024**3  # size of a safetensors file of the final model (before the next one starts)
-_UNIT = re.compile(r"^(.*?\.(?:layers|blocks)\.\d+)\.")
-
-
-class DistributedError(RuntimeError):
-    """A distributed setting that cannot work, or a rank that failed."""
-
+from vlmtune.errors import DistributedError
+from vlmtune.families import PARTS, VISION_PARTS, Family, part_of
 
 # ---------------------------------------------------------------------------------------------------------
 # The process group
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the running process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def env_world_size() -> int:
@@ -156,8 +154,6 @@ def _strip(name: str) -> str:
 
 
 def _part(name: str, family: Family) -> str | None:
-    from vlmtune.families import part_of
-
     return part_of(_strip(name), family)
 
 
@@ -168,8 +164,7 @@ def apply_activation_checkpointing(model: torch.nn.Module, family: Family, which
     from torch.utils.checkpoint import checkpoint
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    parts = {"language": ("language_model",), "vision": ("vision_tower", "projector"),
-             "all": ("language_model", "vision_tower", "projector")}[which]
+    parts = {"language": ("language_model",), "vision": VISION_PARTS, "all": PARTS}[which]
     n = 0
     for name, module in model.named_modules():
         if isinstance(module, GradientCheckpointingLayer) and _part(name, family) in parts:
@@ -252,193 +247,3 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
         for g in grads:
             g.to_local().mul_(coef)
     return total
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The final model, written without gathering it whole on one rank
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(t, DTensor):
-        t = t.full_tensor()
-    return t.detach().to("cpu").contiguous()
-
-
-def _chunks(state: dict[str, torch.Tensor]) -> Iterator[list[str]]:
-    """Keys grouped by layer (everything of ``...layers.N.`` / ``...blocks.N.`` together), in order."""
-    group, current = [], None
-    for key in state:
-        m = _UNIT.match(key)
-        unit = m.group(1) if m else None
-        if group and unit != current:
-            yield group
-            group = []
-        group.append(key)
-        current = unit
-    if group:
-        yield group
-
-
-def save_final_sharded(model: torch.nn.Module, processor, out: Path, shard_bytes: int = SHARD_BYTES) -> Path:
-    """Every rank calls this. LoRA: the whole adapter (gathered from every rank), in the PEFT layout. Full model:
-    gathered layer by layer; rank 0 converts the names back to the checkpoint layout (as save_pretrained does)
-    and writes safetensors files of about `shard_bytes` plus their index, so at most one file's worth of
-    tensors is held at once. Written beside `out` and renamed in by rank 0."""
-    rank = dist.get_rank()
-    tmp = out.with_name(out.name + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    is_peft = hasattr(model, "peft_config")
-    if is_peft:
-        adapter = {name: _full(p) for name, p in model.named_parameters() if p.requires_grad}
-        if rank == 0:
-            model.save_pretrained(tmp, state_dict=adapter, safe_serialization=True)
-    else:
-        _write_full_model(model, tmp, rank == 0, shard_bytes)
-    if rank == 0:
-        processor.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    dist.barrier()
-    return out
-
-
-def _write_full_model(model: torch.nn.Module, folder: Path, writer: bool, shard_bytes: int) -> None:
-    from safetensors.torch import save_file
-    from transformers.core_model_loading import revert_weight_conversion
-
-    state = model.state_dict()
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # targets of tied weights are not saved
-    files: list[tuple[str, list[str]]] = []
-    pending: dict[str, torch.Tensor] = {}
-    size = 0
-
-    def flush() -> None:
-        nonlocal pending, size
-        if pending:
-            name = f"model-{len(files) + 1:05d}.safetensors"
-            save_file(pending, str(folder / name), metadata={"format": "pt"})
-            files.append((name, list(pending)))
-        pending, size = {}, 0
-
-    for keys in _chunks(state):
-        tensors = {k: _full(state[k]) for k in keys if k not in tied}  # collective: every rank
-        if not writer or not tensors:
-            continue
-        tensors = revert_weight_conversion(model, tensors)
-        pending.update(tensors)
-        size += sum(t.numel() * t.element_size() for t in tensors.values())
-        if size >= shard_bytes:
-            flush()
-    if not writer:
-        return
-    flush()
-    model.config.save_pretrained(folder)
-    if len(files) == 1:
-        os.replace(folder / files[0][0], folder / "model.safetensors")
-        return
-    weight_map = {}
-    for i, (name, keys) in enumerate(files, 1):
-        final = f"model-{i:05d}-of-{len(files):05d}.safetensors"
-        os.replace(folder / name, folder / final)
-        weight_map.update({k: final for k in keys})
-    total = sum((folder / f).stat().st_size for f in set(weight_map.values()))
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Sharded checkpoints (torch.distributed.checkpoint), written by every rank, loadable on any number of ranks
-
-
-def _dcp_options(strict: bool = True):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    # Only what trains is saved (frozen weights come back from model.name_or_path, as in one process).
-    return StateDictOptions(ignore_frozen_params=True, strict=strict)
-
-
-def save_sharded(ckpts, recipe, run, model, optimizer, scheduler, sampler, metrics) -> Path:
-    """The multi-process form of Checkpoints.save: ``dcp/`` (trainable weights + optimizer state, each rank its
-    shards), ``rng-<rank>.pt``, and rank 0's ``scheduler.pt``, trainer_state.json (with every rank's data
-    position), recipe.yaml; COMPLETE is written by rank 0 after a barrier, then the folder is renamed in."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    from vlmtune import checkpoint as ck
-
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    final = ckpts.directory / f"step-{run.step:06d}"
-    name = [f"{final.name}.tmp-{os.getpid()}"]
-    dist.broadcast_object_list(name, src=0)  # one folder for all ranks: rank 0's pid
-    tmp = ckpts.directory / name[0]
-    if rank == 0:
-        ckpts.directory.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_dcp_options())
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
-    ck._write_torch(tmp / f"rng-{rank}.pt", ck.rng_state())
-    positions = [None] * world_size
-    dist.all_gather_object(positions, [sampler.epoch, sampler.offset])
-    dist.barrier()  # every rank's files are written
-    if rank == 0:
-        ck._write_torch(tmp / "scheduler.pt", scheduler.state_dict())
-        state = {"format": ck.FORMAT_VERSION, "sharded": True, "world_size": world_size, **ck.asdict(run),
-                 "data": {"epoch": sampler.epoch, "offset": sampler.offset, "positions": positions},
-                 "metrics": {"seen": metrics.seen, "skipped": dict(metrics.skipped),
-                             "examples": dict(metrics.examples)}}
-        ck._write_text(tmp / ck.STATE, json.dumps(state, indent=2) + "\n")
-        ck._write_text(tmp / ck.RECIPE, ck.recipe_to_yaml(recipe))
-        ck._write_text(tmp / ck.COMPLETE, f"step {run.step}\n")
-        ck._fsync_path(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        ck._fsync_path(ckpts.directory)
-        ckpts.prune()
-    dist.barrier()
-    return final
-
-
-def sharded_weights(model: torch.nn.Module) -> bool:
-    """FSDP2 holds the weights as DTensors, on one process too: their checkpoint must be the sharded one."""
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def load_sharded(path: Path, state: dict, model, optimizer, scheduler, sampler) -> dict:
-    """Load a save_sharded checkpoint on this run's ranks (any number, one included); returns the RNG state
-    to restore (this rank's, or rank 0's when the checkpoint had fewer ranks)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    from vlmtune.checkpoint import CheckpointError
-
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_dcp_options())
-    loaded = {"model": model_sd, "optim": optim_sd}
-    with warnings.catch_warnings():  # one process: DCP says it assumes so, which is what we want
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
-        dcp.load(loaded, checkpoint_id=str(path / "dcp"))
-    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"],
-                   options=_dcp_options(strict=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    # Every rank consumed the same number of samples of the epoch, so the global position is old world x offset.
-    positions = state["data"]["positions"]
-    if len({tuple(p) for p in positions}) != 1:
-        raise CheckpointError(f"{path}: the ranks stopped at different data positions {positions}")
-    epoch, offset = positions[0]
-    consumed = offset * len(positions)
-    if consumed % world_size:
-        raise CheckpointError(f"{path}: {consumed} samples of epoch {epoch} were seen by {len(positions)} rank(s); "
-                              f"that does not split evenly over {world_size} rank(s)")
-    sampler.epoch, sampler.offset = epoch, consumed // world_size
-    rng = path / f"rng-{rank}.pt"
-    return torch.load(rng if rng.is_file() else path / "rng-0.pt", map_location="cpu", weights_only=True)

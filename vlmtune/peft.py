@@ -27,22 +27,14 @@ from pathlib import Path
 import torch
 
 from vlmtune.config import ModelConfig, PeftConfig
-from vlmtune.families import Family, family_for, part_of
+from vlmtune.errors import AdapterError, GradientCheckError
+from vlmtune.families import VISION_PARTS, Family, family_for, frozen_parts, part_of
 from vlmtune.parallel import max_over_ranks
 
 PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the wrapped model's parameter names
 ADAPTED_PARTS_SWITCH = {"vision_tower": "peft.vision", "projector": "peft.projector",
                         "language_model": "freeze.language_model=false"}
-VISION_PARTS = ("vision_tower", "projector")  # get gradients only from steps that carry images
 _LORA_FACTOR = re.compile(r"\.lora_(embedding_)?([AB])(?=\.|$)")
-
-
-class AdapterError(ValueError):
-    """A LoRA / QLoRA / adapter-folder setup that cannot work, with what to change."""
-
-
-class GradientCheckError(RuntimeError):
-    """A trainable parameter that gets no gradient (or a frozen one that gets one)."""
 
 
 def _import_peft():
@@ -150,7 +142,7 @@ def lora_targets(model: torch.nn.Module, family: Family, pcfg: PeftConfig, freez
 
 def save_targets(model: torch.nn.Module, family: Family, pcfg: PeftConfig, freeze, targets: Sequence[str]) -> list[str]:
     """Full names of the modules trained in full beside the adapters (peft.modules_to_save), outermost only."""
-    frozen = {part for part in ("vision_tower", "projector", "language_model") if getattr(freeze, part)}
+    frozen = frozen_parts(freeze)
     names = [n for n, _ in model.named_modules() if n]
     chosen: list[str] = []
     for pattern in pcfg.modules_to_save:
@@ -315,11 +307,11 @@ class GradientCheck:
         self.family = family
         self.pending: set[str] = {n for n, _ in model.named_parameters()} if enabled else set()
 
-    def __call__(self, model: torch.nn.Module, step_batches: Sequence[dict]) -> None:
-        if not self.pending or not step_batches:
+    def __call__(self, model: torch.nn.Module, images: bool) -> None:
+        """`images`: the step's real samples carried images or video (a vision filler row, vlmtune/batching.py,
+        carries images but trains nothing)."""
+        if not self.pending:
             return
-        # A vision filler row (vlmtune/batching.py) carries images but trains nothing: count real samples.
-        images = any(b.get("vision_samples", any(k.startswith("pixel_values") for k in b)) for b in step_batches)
         # Looking at an FSDP2 gradient is a collective: every rank must check the same parameters.
         images = bool(max_over_ranks(int(images)))
         params = dict(model.named_parameters())

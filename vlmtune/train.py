@@ -1,8 +1,12 @@
-"""The training loop: read it top to bottom.
+"""The training loop: set-up, the loop, the finish; read it top to bottom.
 
 One optimizer step = ``accum`` micro-batches. Its loss is the sum of token losses over every supervised token
 in the step divided by the number of those tokens (summed over micro-batches and, when distributed, over
 ranks), so the result does not depend on how tokens fall into micro-batches.
+
+A step's path: the loader's workers encode samples (vlmtune/encode.py), :class:`~vlmtune.batching.Batcher` groups
+them into micro-batches, :func:`train_step` runs each through :func:`~vlmtune.loss.loss_sum` and steps the
+optimizer; vlmtune/checkpoint.py saves and resumes.
 """
 
 from __future__ import annotations
@@ -12,9 +16,9 @@ import json
 import math
 import os
 import random
-import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -23,22 +27,25 @@ import torch
 from torch.utils.data import DataLoader
 
 from vlmtune.attention import use_segment_attention
-from vlmtune.batching import Batcher, check_packing, filler_sample, padding_tokens, rope_index_module
+from vlmtune.batching import Batcher, MicroBatch, check_packing, filler_sample, padding_tokens, rope_index_module
 from vlmtune.checkpoint import (
     Checkpoints,
     RunState,
     StopSignals,
+    TrainState,
     ignore_stop_signals,
     preserve_rng,
     read_state,
+    save_hf,
     truncate_metrics,
 )
-from vlmtune.collate import IGNORE, Encoded, SampleEncoder, Skipped
-from vlmtune.config import Recipe, recipe_to_yaml
-from vlmtune.data.dataset import EpochSampler, SFTDataset
-from vlmtune.data.formats import DataError
+from vlmtune.config import Recipe, accumulation_steps, recipe_to_yaml
+from vlmtune.data.dataset import EpochSampler
+from vlmtune.encode import Encoded, EncodedDataset, SampleEncoder, Skipped
+from vlmtune.errors import DataError, TrainingError
+from vlmtune.families import Family
 from vlmtune.kernels import require_liger, use_liger_norms
-from vlmtune.loss import loss_sum
+from vlmtune.loss import loss_sum, supervised_count
 from vlmtune.metrics import Metrics
 from vlmtune.model import apply_freeze, autocast_dtype, load_model, pick_device
 from vlmtune.parallel import (
@@ -47,27 +54,17 @@ from vlmtune.parallel import (
     parallelize,
     process_group,
     resolve_strategy,
-    save_final_sharded,
     sum_over_ranks,
     sync_context,
+    world,
 )
 from vlmtune.peft import GradientCheck, apply_lora, param_groups, quantization_config
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. too many NaN/inf steps in a row)."""
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -92,7 +89,31 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype, cast_keys: 
     return out
 
 
-def loader_batches(loader_for_epoch, sampler: EpochSampler) -> Iterator[list[Encoded | Skipped]]:
+# ---------------------------------------------------------------------------------------------------------
+# Data: encoded samples from loader workers, endlessly, resumable
+
+
+def loader_workers(requested: int) -> int:
+    """data.num_workers, at most the CPU cores this process may use (under torchrun: its share of the node)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(requested, max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def loader_kwargs(recipe: Recipe) -> dict:
+    # Workers decode and process samples; the main process groups, pads or packs them (it needs the counts).
+    return dict(batch_size=recipe.train.micro_batch_size, collate_fn=list,
+                num_workers=loader_workers(recipe.data.num_workers), persistent_workers=False,
+                worker_init_fn=ignore_stop_signals)
+
+
+def loader_generator(seed: int, epoch: int) -> torch.Generator:
+    """A DataLoader's own generator (it seeds workers). Without one, every new loader iterator draws from the
+    global torch RNG, so a resumed run, which starts its loader mid-epoch, would shift the dropout stream."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def loader_batches(loader_for_epoch: Callable[[], DataLoader],
+                   sampler: EpochSampler) -> Iterator[list[Encoded | Skipped]]:
     """Endless lists of loaded samples; (sampler.epoch, sampler.offset) always points at the next unseen one."""
     while True:
         for items in loader_for_epoch():
@@ -101,13 +122,7 @@ def loader_batches(loader_for_epoch, sampler: EpochSampler) -> Iterator[list[Enc
         sampler.epoch, sampler.offset = sampler.epoch + 1, 0
 
 
-def loader_kwargs(recipe: Recipe) -> dict:
-    # Workers decode and process samples; the main process groups, pads or packs them (it needs the counts).
-    return dict(batch_size=recipe.train.micro_batch_size, collate_fn=list, num_workers=recipe.data.num_workers,
-                persistent_workers=False, worker_init_fn=ignore_stop_signals)
-
-
-def train_stream(train_ds: SFTDataset, recipe: Recipe, rank: int = 0,
+def train_stream(train_ds: EncodedDataset, recipe: Recipe, rank: int = 0,
                  world_size: int = 1) -> tuple[EpochSampler, Iterator[list[Encoded | Skipped]]]:
     """This rank's resumable sampler and the endless stream of loaded samples the loop draws from
     (bench/data_path.py times this stream alone)."""
@@ -117,41 +132,56 @@ def train_stream(train_ds: SFTDataset, recipe: Recipe, rank: int = 0,
     return sampler, loaded
 
 
-def loader_generator(seed: int, epoch: int) -> torch.Generator:
-    """A DataLoader's own generator (it seeds workers). Without one, every new loader iterator draws from the
-    global torch RNG, so a resumed run, which starts its loader mid-epoch, would shift the dropout stream."""
-    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+# ---------------------------------------------------------------------------------------------------------
+# Set-up: everything the loop needs, built once
 
 
-@torch.no_grad()
-def validate(model, loader: DataLoader, batcher: Batcher, chunk_tokens: int | None, device, dtype, cast_keys, amp,
-             max_batches: int | None) -> tuple[float, int]:
-    model.eval()
-    total, count = 0.0, 0
-    for i, items in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        for batch in batcher([it for it in items if isinstance(it, Encoded)]):
-            batch = to_device(batch, device, dtype, cast_keys)
-            with amp():
-                total += float(loss_sum(model, batch, chunk_tokens))
-            count += int((batch["labels"][:, 1:] != IGNORE).sum())
-    model.train()
-    total, count = sum_over_ranks(total), int(sum_over_ranks(count))
-    return (total / count if count else float("nan")), count
+@dataclass
+class Engine:
+    """How one optimizer step runs: the module to call, precision, the loss, and the update."""
+
+    forward: torch.nn.Module  # what runs the forward: the DDP wrapper, else the model itself
+    params: list[torch.nn.Parameter]  # the trainable ones (clipped)
+    device: torch.device
+    dtype: torch.dtype  # of the weights; vision tensors are cast to it (Family.cast_to_model_dtype)
+    amp: Callable[[], contextlib.AbstractContextManager]
+    cast_keys: tuple[str, ...]
+    loss_factor: float  # DDP / FSDP2 average gradients over ranks; the back-propagated loss is scaled to the sum
+    chunk_tokens: int | None
+    kernel: str
+    max_grad_norm: float
+    grad_check: GradientCheck
 
 
-def save_final(model, processor, out: Path) -> Path:
-    """A Hugging Face folder, written beside its final place and renamed in, so it is whole or absent."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    processor.save_pretrained(tmp)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+@dataclass
+class Data:
+    """The training data as the loop draws it, and the validation loader."""
+
+    batcher: Batcher
+    sampler: EpochSampler
+    loaded: Iterator[list[Encoded | Skipped]]
+    val_loader: DataLoader | None
+    train_size: int
+    format: str
+
+
+@dataclass
+class Session:
+    """What set-up builds for the loop and the finish."""
+
+    recipe: Recipe
+    out_dir: Path
+    rank: int
+    world_size: int
+    processor: object
+    family: Family
+    state: TrainState
+    engine: Engine
+    data: Data
+    ckpts: Checkpoints
+    accum: int
+    total_steps: int
+    sharded: bool  # FSDP2: every rank takes part in the final save
 
 
 def finetune(recipe: Recipe) -> Path:
@@ -159,191 +189,239 @@ def finetune(recipe: Recipe) -> Path:
     # Under torchrun (WORLD_SIZE > 1) the process group lives as long as the run; see vlmtune/parallel.py.
     with process_group(recipe.distributed.timeout_s, recipe.train.device, recipe.distributed.strategy), \
             StopSignals() as stop:
-        return _finetune(recipe, stop)
+        s = setup(recipe)
+        saved = train_loop(s, stop)
+        return finish(s, stop.received, saved)
 
 
-def _finetune(recipe: Recipe, stop: StopSignals) -> Path:
-    cfg, tcfg = recipe, recipe.train
+def setup(recipe: Recipe) -> Session:
+    tcfg = recipe.train
     rank, world_size = world()
-    out_dir = Path(cfg.output_dir)
+    accum = accumulation_steps(tcfg, world_size)
+    out_dir = Path(recipe.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpts = Checkpoints(out_dir / "checkpoints", cfg.checkpoint.keep, writer=rank == 0)
-    resume_from = ckpts.find(cfg.resume)  # None: a fresh run
+    ckpts = Checkpoints(out_dir / "checkpoints", recipe.checkpoint.keep, writer=rank == 0)
+    resume_from = ckpts.find(recipe.resume)  # None: a fresh run
     seed_everything(tcfg.seed)
     device = pick_device(tcfg.device)
     if tcfg.kernels == "liger":
         require_liger(device)  # before the model loads: a wrong device or a missing package fails at once
 
-    # Model, processor, family; freezing, or LoRA adapters (base frozen; freeze.<part> = no adapters there).
-    model, processor, family = load_model(cfg.model, device, quantization_config(cfg.peft, device, cfg.model))
-    if tcfg.packing:
+    model, processor, family, trainable = build_model(recipe, device, rank)
+    strategy = resolve_strategy(recipe.distributed, world_size)
+    # Several ranks: FSDP2 shards `model` in place, DDP wraps it (forward through `forward`, all else `model`).
+    forward = parallelize(model, family, recipe.distributed, strategy, device)
+    data = build_data(recipe, processor, family, model, rank, world_size)
+    total_steps = tcfg.max_steps or math.ceil(tcfg.epochs * data.train_size / tcfg.global_batch_size)
+    optimizer, scheduler = build_optimizer(recipe, model, family, device, total_steps)
+    weights_dtype = next(model.parameters()).dtype
+    amp_dtype = autocast_dtype(device, weights_dtype)
+    engine = Engine(
+        forward=forward, params=[p for p in model.parameters() if p.requires_grad], device=device,
+        dtype=weights_dtype, cast_keys=family.cast_to_model_dtype,
+        amp=(partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if amp_dtype
+             else contextlib.nullcontext),
+        loss_factor=grad_scale(strategy, world_size), chunk_tokens=tcfg.loss_chunk_tokens, kernel=tcfg.kernels,
+        max_grad_norm=tcfg.max_grad_norm if tcfg.max_grad_norm is not None else float("inf"),
+        grad_check=GradientCheck(model, family, enabled=tcfg.check_gradients))
+
+    start_step = read_state(resume_from)["step"] if resume_from is not None else 0
+    metrics = Metrics(out_dir, total_steps, enabled=rank == 0, start_step=start_step)
+    state = TrainState(model, optimizer, scheduler, data.sampler, metrics, RunState())
+    if rank == 0:
+        (out_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"vlmtune: {family.name} model, {n_params:,} parameters, trainable by part {trainable}; "
+              f"{data.train_size} training rows ({data.format}); {total_steps} steps of "
+              f"{tcfg.global_batch_size} samples ({accum} micro-batch(es) of {tcfg.micro_batch_size}) on "
+              f"{device}", flush=True)
+    # Resume: weights, optimizer, scheduler, data position, counters; the RNG states last, right before the loop.
+    if resume_from is not None:
+        ckpts.load(resume_from, recipe, state)
+    elif rank == 0:
+        truncate_metrics(metrics.path, 0)  # a fresh run: no lines of an earlier one in this output_dir
+    return Session(recipe, out_dir, rank, world_size, processor, family, state, engine, data, ckpts, accum,
+                   total_steps, strategy == "fsdp2")
+
+
+def build_model(recipe: Recipe, device: torch.device, rank: int) -> tuple[torch.nn.Module, object, Family, dict]:
+    """Model, processor, family; freezing, or LoRA adapters (base frozen; freeze.<part> = no adapters there);
+    returns the trainable parameter counts per part too."""
+    model, processor, family = load_model(recipe.model, device,
+                                          quantization_config(recipe.peft, device, recipe.model))
+    if recipe.train.packing:
         check_packing(family)
         use_segment_attention(model)  # sdpa per sample of a packed row, not over the whole row (vlmtune/attention.py)
-    if tcfg.kernels == "liger":
+    if recipe.train.kernels == "liger":
         swapped = use_liger_norms(model)
         if rank == 0:
             print(f"vlmtune: train.kernels=liger: Liger's fused linear cross-entropy; {swapped} RMSNorm module(s) "
                   "replaced by Liger's", flush=True)
-    if cfg.peft is not None:
-        model, trainable = apply_lora(model, family, cfg.peft, cfg.freeze, cfg.model.name_or_path, cfg.model.revision)
+    if recipe.peft is not None:
+        model, trainable = apply_lora(model, family, recipe.peft, recipe.freeze, recipe.model.name_or_path,
+                                      recipe.model.revision)
     else:
-        trainable = apply_freeze(model, family, cfg.freeze)
-    weights_dtype = next(model.parameters()).dtype
-    amp_dtype = autocast_dtype(device, weights_dtype)
-    amp = (partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if amp_dtype
-           else contextlib.nullcontext)
-    # Several ranks: FSDP2 shards `model` in place, DDP wraps it (forward through `forward_model`, all else `model`).
-    strategy = resolve_strategy(cfg.distributed, world_size)
-    forward_model = parallelize(model, family, cfg.distributed, strategy, device)
-    loss_factor = grad_scale(strategy, world_size)  # DDP / FSDP2 average gradients over ranks; we need the sum
+        trainable = apply_freeze(model, family, recipe.freeze)
+    return model, processor, family, trainable
 
-    # Data: rows -> conversations -> encoded samples, in loader workers.
+
+def build_data(recipe: Recipe, processor, family: Family, model: torch.nn.Module, rank: int,
+               world_size: int) -> Data:
+    """Rows -> conversations -> encoded samples in loader workers, grouped into this rank's micro-batches."""
+    tcfg = recipe.train
     encoder = SampleEncoder(processor, family, tcfg.max_length, tcfg.overlong)
-    train_ds = SFTDataset(cfg.data.train, encoder, "data.train")
-    val_ds = SFTDataset(cfg.data.validation, encoder, "data.validation") if cfg.data.validation else None
+    train_ds = EncodedDataset.of(recipe.data.train, encoder, "data.train")
     pad_id = processor.tokenizer.pad_token_id
     if pad_id is None:
         pad_id = processor.tokenizer.eos_token_id
     batcher = Batcher(pad_id, tcfg.micro_batch_size, tcfg.micro_batch_tokens, tcfg.packing,
                       rope_index_module(model) if tcfg.packing else None,
                       filler_sample(encoder) if world_size > 1 else None)
-    sampler, loaded = train_stream(train_ds, cfg, rank, world_size)
+    sampler, loaded = train_stream(train_ds, recipe, rank, world_size)
     val_loader = None
-    if val_ds is not None:
+    if recipe.data.validation is not None:
+        val_ds = EncodedDataset.of(recipe.data.validation, encoder, "data.validation")
         val_sampler = EpochSampler(len(val_ds), tcfg.seed, rank, world_size, shuffle=False)
         val_loader = DataLoader(val_ds, sampler=val_sampler, generator=loader_generator(tcfg.seed, -1),
-                                **loader_kwargs(cfg))
+                                **loader_kwargs(recipe))
+    workers = loader_workers(recipe.data.num_workers)
+    if rank == 0 and workers < recipe.data.num_workers:
+        print(f"vlmtune: data.num_workers={recipe.data.num_workers} lowered to {workers}: the CPU cores this "
+              "process may use", flush=True)
+    return Data(batcher, sampler, loaded, val_loader, len(train_ds), train_ds.conversations.format)
 
-    accum = tcfg.global_batch_size // (tcfg.micro_batch_size * world_size)
-    if accum < 1 or tcfg.global_batch_size % (tcfg.micro_batch_size * world_size):
-        raise ValueError(f"train.global_batch_size={tcfg.global_batch_size} is not a multiple of "
-                         f"micro_batch_size ({tcfg.micro_batch_size}) x world size ({world_size})")
-    total_steps = tcfg.max_steps or math.ceil(tcfg.epochs * len(train_ds) / tcfg.global_batch_size)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    # One group per (part, decay / no decay): lr x optim.lr_multipliers[part]; norms and biases get no decay.
-    optimizer = torch.optim.AdamW(param_groups(model, family, tcfg.lr, tcfg.weight_decay, cfg.optim.lr_multipliers),
+def build_optimizer(recipe: Recipe, model: torch.nn.Module, family: Family, device: torch.device,
+                    total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW with one group per (part, decay / no decay): lr x optim.lr_multipliers[part], no decay on norms and
+    biases; linear warmup, then the schedule."""
+    tcfg = recipe.train
+    optimizer = torch.optim.AdamW(param_groups(model, family, tcfg.lr, tcfg.weight_decay,
+                                               recipe.optim.lr_multipliers),
                                   lr=tcfg.lr, betas=tcfg.betas,
-                                  fused=device.type == "cuda" and not cfg.distributed.cpu_offload)
-    grad_check = GradientCheck(model, family, enabled=tcfg.check_gradients)
+                                  fused=device.type == "cuda" and not recipe.distributed.cpu_offload)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_lambda, warmup=tcfg.warmup_steps, total=total_steps, schedule=tcfg.schedule,
                            min_ratio=tcfg.min_lr_ratio))
+    return optimizer, scheduler
 
-    start_step = read_state(resume_from)["step"] if resume_from is not None else 0
-    metrics = Metrics(out_dir, total_steps, enabled=rank == 0, start_step=start_step)
-    if rank == 0:
-        (out_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"vlmtune: {family.name} model, {n_params:,} parameters, trainable by part {trainable}; "
-              f"{len(train_ds)} training rows ({train_ds.format}); {total_steps} steps of "
-              f"{tcfg.global_batch_size} samples ({accum} micro-batch(es) of {tcfg.micro_batch_size}) on "
-              f"{device}", flush=True)
 
-    # Resume: weights, optimizer, scheduler, data position, counters; the RNG states last, right before the loop.
-    run = RunState()
-    if resume_from is not None:
-        run = ckpts.load(resume_from, recipe, model, optimizer, scheduler, sampler, metrics)
-    elif rank == 0:
-        truncate_metrics(metrics.path, 0)  # a fresh run: no lines of an earlier one in this output_dir
+# ---------------------------------------------------------------------------------------------------------
+# The loop
 
-    cast_keys = family.cast_to_model_dtype
-    val_args = (model, val_loader, batcher, tcfg.loss_chunk_tokens, device, weights_dtype, cast_keys, amp,
-                tcfg.val_max_batches)
-    if run.pending_validation and val_loader is not None:  # stopped by a signal before this validation ran
-        with preserve_rng():
-            run.last_val, n = validate(*val_args)
-        metrics.validation(run.step, run.last_val, n)
+
+@dataclass
+class StepResult:
+    loss: float  # the step's loss: summed token losses / supervised tokens, over every rank
+    grad_norm: float
+    lr: float  # train.lr as scheduled for this step
+    finite: bool  # False: a NaN/inf loss or norm; the update was skipped
+
+
+def train_step(state: TrainState, e: Engine, batches: list[MicroBatch]) -> StepResult:
+    """One optimizer step over this rank's micro-batches: forward and backward each, check, clip, update.
+    A NaN/inf step is skipped: no optimizer or scheduler step, its gradients dropped."""
+    global_sup = sum_over_ranks(sum(supervised_count(b.tensors["labels"]) for b in batches))
+    step_loss = 0.0
+    for i, b in enumerate(batches):
+        tensors = to_device(b.tensors, e.device, e.dtype, e.cast_keys)
+        with sync_context(e.forward, last=i == len(batches) - 1):
+            with e.amp():
+                loss = loss_sum(e.forward, tensors, e.chunk_tokens, e.kernel) / max(global_sup, 1)
+            (loss * e.loss_factor).backward()
+        step_loss += float(loss.detach())
+    step_loss = sum_over_ranks(step_loss)
+    # First step (vision parts: first step with images); then a no-op.
+    e.grad_check(state.model, images=any(b.vision_samples for b in batches))
+    grad_norm = clip_grad_norm(e.params, e.max_grad_norm)
+    lr = state.scheduler.get_last_lr()[0] / state.optimizer.param_groups[0]["lr_multiplier"]  # of train.lr
+    finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+    if finite:
+        state.optimizer.step()
+        state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    return StepResult(step_loss, grad_norm, lr, finite)
+
+
+def next_samples(s: Session) -> list[Encoded]:
+    """The step's usable samples on this rank (the whole step first: the loss is normalised by its supervised-
+    token count); skipped ones are counted, and too many stop the run."""
+    items = [it for _ in range(s.accum) for it in next(s.data.loaded)]
+    metrics = s.state.metrics
+    metrics.count(len(items), [it for it in items if isinstance(it, Skipped)])
+    check_bad_fraction(metrics, s.recipe.data.max_bad_fraction, s.data.train_size)
+    return [it for it in items if isinstance(it, Encoded)]
+
+
+def train_loop(s: Session, stop: StopSignals) -> Path | None:
+    """Steps until the last one; returns the checkpoint saved when a stop signal came, else None."""
+    run, tcfg = s.state.run, s.recipe.train
+    if run.pending_validation:  # stopped by a signal before this validation ran
+        run_validation(s, run.step)
     run.pending_validation = False
-    saved = None  # the checkpoint written when a signal stops the run
-    for step in range(run.step + 1, total_steps + 1):
+    for step in range(run.step + 1, s.total_steps + 1):
         t0 = time.perf_counter()
-        # Fetch the whole step first: the loss is normalised by the step's supervised-token count.
-        items = [it for _ in range(accum) for it in next(loaded)]
-        metrics.count(len(items), [it for it in items if isinstance(it, Skipped)])
-        check_bad_fraction(metrics, cfg.data.max_bad_fraction, len(train_ds))
-        samples = [it for it in items if isinstance(it, Encoded)]
-        step_batches = batcher(samples)
-        n_sup = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in step_batches)
-        n_tok = sum(s.length for s in samples)
-        n_pad = sum(padding_tokens(b) for b in step_batches)
-        global_sup = sum_over_ranks(n_sup)
+        samples = next_samples(s)
+        batches = s.data.batcher(samples)
+        result = train_step(s.state, s.engine, batches)
+        run.step, run.last_loss = step, result.loss
+        run.bad_in_row = 0 if result.finite else run.bad_in_row + 1
+        run.nonfinite_steps += not result.finite
+        log_step(s, result, samples, batches, time.perf_counter() - t0)
+        if not result.finite:
+            check_nonfinite(run, result.loss, result.grad_norm, tcfg.max_bad_steps, s.rank)
 
-        step_loss = 0.0
-        for i, b in enumerate(step_batches):
-            b = to_device(b, device, weights_dtype, cast_keys)
-            with sync_context(forward_model, last=i == len(step_batches) - 1):
-                with amp():
-                    loss = loss_sum(forward_model, b, tcfg.loss_chunk_tokens, tcfg.kernels) / max(global_sup, 1)
-                (loss * loss_factor).backward()
-            step_loss += float(loss.detach())
-        step_loss = sum_over_ranks(step_loss)
-        grad_check(model, step_batches)  # first step (vision parts: first step with images); then a no-op
-
-        max_norm = tcfg.max_grad_norm if tcfg.max_grad_norm is not None else float("inf")
-        grad_norm = clip_grad_norm(params, max_norm)
-        lr = scheduler.get_last_lr()[0] / optimizer.param_groups[0]["lr_multiplier"]  # train.lr, scheduled
-        finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
-        if finite:  # a NaN/inf step is skipped: no optimizer or scheduler step, its gradients dropped
-            optimizer.step()
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        run.step, run.last_loss = step, step_loss
-        run.bad_in_row = 0 if finite else run.bad_in_row + 1
-        run.nonfinite_steps += not finite
-
-        elapsed = time.perf_counter() - t0
-        global_tok, global_pad = sum_over_ranks(n_tok), sum_over_ranks(n_pad)
-        record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(global_tok),
-                  "supervised_tokens": int(global_sup), "tokens_per_s": global_tok / elapsed,
-                  "padding_fraction": global_pad / max(1.0, global_tok + global_pad),
-                  "micro_batches": len(step_batches), "epoch": sampler.epoch}
-        if not finite:
-            record.update(skipped_nonfinite=True, nonfinite_steps=run.nonfinite_steps)
-        metrics.step(record, print_line=step % tcfg.log_every_steps == 0 or step == 1)
-        if not finite:
-            check_nonfinite(run, step_loss, grad_norm, tcfg.max_bad_steps, rank)
-
-        val_due = val_loader is not None and ((tcfg.val_every_steps and step % tcfg.val_every_steps == 0)
-                                              or step == total_steps)
+        val_due = s.data.val_loader is not None and ((tcfg.val_every_steps and step % tcfg.val_every_steps == 0)
+                                                or step == s.total_steps)
         if sum_over_ranks(float(stop.received is not None)) > 0:  # SIGTERM / SIGINT: save and stop
             run.pending_validation = bool(val_due)  # the resumed run validates first; the RNG is unaffected
-            saved = ckpts.save(recipe, run, model, optimizer, scheduler, sampler, metrics)
-            break
+            return s.ckpts.save(s.recipe, s.state)
         if val_due:
-            with preserve_rng():  # validation must not move the training RNG streams
-                run.last_val, n = validate(*val_args)
-            metrics.validation(step, run.last_val, n)
-        if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
-            ckpts.save(recipe, run, model, optimizer, scheduler, sampler, metrics)
+            run_validation(s, step)
+        if s.recipe.checkpoint.every_steps and step % s.recipe.checkpoint.every_steps == 0:
+            s.ckpts.save(s.recipe, s.state)
+    return None
 
-    metrics.close()
-    last_loss, last_val = run.last_loss, run.last_val
-    if saved is not None:
-        if rank == 0:
-            summary = {"steps": run.step, "total_steps": total_steps, "stopped_by": stop.received,
-                       "checkpoint": str(saved), "final_loss": last_loss, "final_val_loss": last_val,
-                       "samples_seen": metrics.seen, "skipped": dict(metrics.skipped),
-                       "nonfinite_steps": run.nonfinite_steps, "final_model": None}
-            (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            print(f"vlmtune: stopped by {stop.received} after step {run.step} of {total_steps}; checkpoint saved: "
-                  f"{saved}\n  to continue, run the same command again with resume=auto (or resume={saved})",
-                  flush=True)
-        return saved
-    final = out_dir / "final"
-    if strategy == "fsdp2":  # every rank takes part in gathering the sharded weights
-        save_final_sharded(model, processor, final)
-    elif rank == 0:
-        save_final(model, processor, final)
-    if rank == 0:
-        summary = {"steps": total_steps, "final_loss": last_loss, "final_val_loss": last_val,
-                   "samples_seen": metrics.seen, "skipped": dict(metrics.skipped),
-                   "nonfinite_steps": run.nonfinite_steps, "final_model": str(final)}
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"vlmtune: done. final loss {last_loss:.4f}"
-              + (f", val_loss {last_val:.4f}" if last_val is not None else "")
-              + f"; {metrics.skip_report()}\n  model: {final}\n  metrics: {out_dir / 'metrics.jsonl'}", flush=True)
-    return final
+
+def log_step(s: Session, result: StepResult, samples: list[Encoded], batches: list[MicroBatch],
+             elapsed: float) -> None:
+    run = s.state.run
+    tokens = sum_over_ranks(sum(x.length for x in samples))
+    padding = sum_over_ranks(sum(padding_tokens(b.tensors) for b in batches))
+    supervised = sum_over_ranks(sum(supervised_count(b.tensors["labels"]) for b in batches))
+    record = {"step": run.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+              "tokens": int(tokens),
+              "supervised_tokens": int(supervised), "tokens_per_s": tokens / elapsed,
+              "padding_fraction": padding / max(1.0, tokens + padding), "micro_batches": len(batches),
+              "epoch": s.state.sampler.epoch}
+    if not result.finite:
+        record.update(skipped_nonfinite=True, nonfinite_steps=run.nonfinite_steps)
+    s.state.metrics.step(record, print_line=run.step % s.recipe.train.log_every_steps == 0 or run.step == 1)
+
+
+def run_validation(s: Session, step: int) -> None:
+    with preserve_rng():  # validation must not move the training RNG streams
+        s.state.run.last_val, n = validate(s)
+    s.state.metrics.validation(step, s.state.run.last_val, n)
+
+
+@torch.no_grad()
+def validate(s: Session) -> tuple[float, int]:
+    """The validation loss (summed token losses / supervised tokens, over every rank) and its token count."""
+    e, model, limit = s.engine, s.state.model, s.recipe.train.val_max_batches
+    model.eval()
+    total, count = 0.0, 0
+    for i, items in enumerate(s.data.val_loader):
+        if limit is not None and i >= limit:
+            break
+        for batch in s.data.batcher([it for it in items if isinstance(it, Encoded)]):
+            tensors = to_device(batch.tensors, e.device, e.dtype, e.cast_keys)
+            with e.amp():
+                total += float(loss_sum(model, tensors, e.chunk_tokens))
+            count += supervised_count(tensors["labels"])
+    model.train()
+    total, count = sum_over_ranks(total), int(sum_over_ranks(count))
+    return (total / count if count else float("nan")), count
 
 
 def check_nonfinite(run: RunState, loss: float, grad_norm: float, max_bad: int, rank: int) -> None:
@@ -365,3 +443,34 @@ def check_bad_fraction(metrics: Metrics, limit: float, dataset_size: int) -> Non
     if metrics.seen >= min(16, dataset_size) and bad > limit * metrics.seen:
         raise DataError(f"{bad} of the first {metrics.seen} samples were unusable (more than "
                         f"data.max_bad_fraction={limit}); {metrics.skip_report()}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The finish
+
+
+def finish(s: Session, stopped_by: str | None, saved: Path | None) -> Path:
+    """The final model (or, after a stop signal, the checkpoint) and the run summary."""
+    run, metrics = s.state.run, s.state.metrics
+    metrics.close()
+    final = s.out_dir / "final"
+    if saved is None and (s.sharded or s.rank == 0):  # FSDP2: every rank takes part in gathering the weights
+        save_hf(s.state.model, s.processor, final)
+    if s.rank != 0:
+        return saved or final
+    summary = {"steps": run.step, "final_loss": run.last_loss, "final_val_loss": run.last_val,
+               "samples_seen": metrics.seen, "skipped": dict(metrics.skipped),
+               "nonfinite_steps": run.nonfinite_steps, "final_model": None if saved else str(final)}
+    if saved is not None:
+        summary = {"steps": run.step, "total_steps": s.total_steps, "stopped_by": stopped_by,
+                   "checkpoint": str(saved), **{k: v for k, v in summary.items() if k != "steps"}}
+    (s.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if saved is not None:
+        print(f"vlmtune: stopped by {stopped_by} after step {run.step} of {s.total_steps}; checkpoint saved: "
+              f"{saved}\n  to continue, run the same command again with resume=auto (or resume={saved})",
+              flush=True)
+        return saved
+    print(f"vlmtune: done. final loss {run.last_loss:.4f}"
+          + (f", val_loss {run.last_val:.4f}" if run.last_val is not None else "")
+          + f"; {metrics.skip_report()}\n  model: {final}\n  metrics: {s.out_dir / 'metrics.jsonl'}", flush=True)
+    return final

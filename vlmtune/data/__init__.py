@@ -1,38 +1,5 @@
-"""Data: sources (file, folder, Hub id) -> rows -> Conversation, plus synthetic demo receipts."""
+"""Data: sources (file, folder, Hub id) -> rows -> Conversations (``formats``), media decoding (``media``),
+the lazy dataset and resumable sampler (``dataset``), synthetic demo receipts (``synthetic``).
 
-from vlmtune.data.formats import (
-    CAPTION_PROMPT,
-    CORD_PROMPT,
-    FORMATS,
-    Conversation,
-    DataError,
-    SampleError,
-    check_columns,
-    detect_format,
-    json_to_tokens,
-    required_columns,
-    resolve_format,
-    to_conversation,
-    tokens_to_json,
-)
-from vlmtune.data.sources import Rows, load_rows
-from vlmtune.data.synthetic import write_synthetic_cord
-
-__all__ = [
-    "CAPTION_PROMPT",
-    "CORD_PROMPT",
-    "FORMATS",
-    "Conversation",
-    "DataError",
-    "Rows",
-    "SampleError",
-    "check_columns",
-    "detect_format",
-    "json_to_tokens",
-    "load_rows",
-    "required_columns",
-    "resolve_format",
-    "to_conversation",
-    "tokens_to_json",
-    "write_synthetic_cord",
-]
+data/ knows nothing of tokens: it yields Conversations; vlmtune/encode.py turns them into ids and labels.
+"""

@@ -1,40 +1,36 @@
-"""Rows -> Conversations -> Encoded samples, lazily (in DataLoader workers), and a resumable sampler."""
+"""Rows -> Conversations, lazily (in DataLoader workers), and a resumable sampler."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Sampler
 
-from vlmtune.collate import Encoded, SampleEncoder, Skipped
-from vlmtune.config import DataSource
-from vlmtune.data.formats import SampleError, resolve_format, to_conversation
+from vlmtune.data.formats import Conversation, resolve_format, to_conversation
 from vlmtune.data.sources import load_rows
 
+if TYPE_CHECKING:
+    from vlmtune.config import DataSource
 
-class SFTDataset(Dataset):
-    """Each item is an :class:`Encoded` sample, or a :class:`Skipped` record saying why not.
 
-    Skipping is decided by the sample alone, so a run (and a resumed run) skips the same samples.
+class ConversationDataset:
+    """The rows of one data source as Conversations. ``conversation(i)`` raises SampleError for a bad record.
+
+    Whether a sample is bad is decided by the sample alone, so a run (and a resumed run) skips the same samples.
     """
 
-    def __init__(self, spec: DataSource, encoder: SampleEncoder, where: str):
-        self.spec, self.encoder, self.where = spec, encoder, where
+    def __init__(self, spec: DataSource, where: str):
+        self.spec, self.where = spec, where
         self.rows, self.base_dir = load_rows(spec, where)
         self.format = resolve_format(list(self.rows.column_names), spec, where)
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def conversation(self, index: int) -> list[dict]:
+    def conversation(self, index: int) -> Conversation:
         return to_conversation(self.rows[index], self.format, self.spec, self.base_dir, index)
-
-    def __getitem__(self, index: int) -> Encoded | Skipped:
-        try:
-            return self.encoder(self.conversation(index), index)
-        except SampleError as e:
-            return Skipped(index, e.reason, str(e))
 
 
 class EpochSampler(Sampler[int]):
@@ -61,4 +57,3 @@ class EpochSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         yield from self.order(self.epoch)[self.offset :]
-

@@ -2,48 +2,34 @@
 
 A Conversation is a list of messages ``{"role": "system"|"user"|"assistant", "content": [part, ...]}`` whose
 parts are ``{"type": "text", "text": str}`` or ``{"type": "image", "image": PIL.Image.Image}`` (decoded, RGB).
-Each format is one converter in :data:`FORMATS`; nothing downstream knows which format a sample came from.
+Each format is one row of :data:`FORMATS` (converter, columns, detection, help); nothing downstream knows which
+format a sample came from.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from urllib.parse import unquote
+from typing import TYPE_CHECKING, Any
 
-import PIL.Image
+from vlmtune.data.media import load_image
+from vlmtune.errors import DataError, SampleError
 
-from vlmtune.config import DataSource
+if TYPE_CHECKING:  # data/ is handed its DataSource; config imports the format names from here
+    from vlmtune.config import DataSource
 
 Conversation = list[dict]
 
 IMAGE_TOKEN = "<image>"
 CORD_PROMPT = "Extract the receipt as JSON."
 CAPTION_PROMPT = "Describe this image."
-SAMPLE_ERROR_REASONS = ("unreadable_image", "placeholder_mismatch", "empty_answer", "bad_record")
 
 # Role spellings of LLaVA / ShareGPT / Gemma-style data, mapped to the three chat roles.
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
          "model": "assistant"}
-
-
-class SampleError(Exception):
-    """One bad sample: the caller skips it and counts it under ``reason`` (one of SAMPLE_ERROR_REASONS)."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
-
-class DataError(ValueError):
-    """A problem with the whole dataset (missing column, unknown format, unreachable source)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -120,64 +106,9 @@ class _Record:
             raise self.error("bad_record", f"column {column!r} is missing or null; fix or remove the record")
         return value
 
-    def image(self, value: Any) -> PIL.Image.Image:
-        if isinstance(value, PIL.Image.Image):
-            return self._decode(value, "in-memory image")
-        if isinstance(value, dict) and ("bytes" in value or "path" in value):  # HF Image storage
-            if value.get("bytes"):
-                return self._decode(io.BytesIO(value["bytes"]), value.get("path") or "bytes")
-            value = value.get("path")
-        if isinstance(value, bytes | bytearray):
-            return self._decode(io.BytesIO(value), "bytes")
-        if isinstance(value, str | Path):
-            return self._image_at(str(value))
-        if value is None:
-            raise self.error("bad_record", "an image is missing (null); fix or remove the record")
-        raise self.error("bad_record", f"image value of type {type(value).__name__} is not supported; use a "
-                                       "path, a PIL image or {'bytes': ..., 'path': ...}")
-
-    def _image_at(self, ref: str) -> PIL.Image.Image:
-        if ref.startswith(("http://", "https://")):
-            raise self.error("unreadable_image", f"image {ref!r} is a remote URL; vlmtune does not fetch "
-                                                 "images over the network: download them and use local paths")
-        if ref.startswith("data:") and ";base64," in ref:
-            try:
-                data = base64.b64decode(ref.split(";base64,", 1)[1])
-            except binascii.Error as e:
-                raise self.error("unreadable_image", f"data: URI image is not valid base64 ({e})") from e
-            return self._decode(io.BytesIO(data), "data: URI")
-        path = Path(unquote(ref.removeprefix("file://"))).expanduser()
-        if not path.is_absolute():
-            root = Path(self.spec.image_root) if self.spec.image_root else self.base_dir
-            path = (root or Path.cwd()) / path
-        if not path.is_file():
-            raise self.error("unreadable_image", f"image {ref!r} not found (looked at {str(path)!r}); fix "
-                                                 "the path or set the data source's image_root")
-        return self._decode(path, ref)
-
-    def _decode(self, source: PIL.Image.Image | io.BytesIO | Path, label: str) -> PIL.Image.Image:
-        # Force-load every pixel here, so a truncated or corrupt file is one counted SampleError now instead
-        # of a crash inside the processor later.
-        try:
-            if isinstance(source, PIL.Image.Image):
-                source.load()
-                return _to_rgb(source)
-            with PIL.Image.open(source) as im:
-                im.load()
-                return _to_rgb(im)
-        except (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError) as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise self.error("unreadable_image",
-                             f"image {label!r} could not be read ({reason}); fix or remove the file") from e
-
-
-def _to_rgb(im: PIL.Image.Image) -> PIL.Image.Image:
-    # Transparent pixels go on white, as transformers' convert_to_rgb does, so documents stay readable.
-    if "A" in im.getbands() or "a" in im.getbands() or "transparency" in im.info:
-        rgba = im.convert("RGBA")
-        white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return PIL.Image.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB")
+    def image(self, value: Any):
+        root = Path(self.spec.image_root) if self.spec.image_root else self.base_dir
+        return load_image(value, root, self.index)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -328,14 +259,52 @@ def _from_sharegpt(row: dict, rec: _Record) -> Conversation:
     return _place_images(conv, _as_list(row.get("images")), rec, implicit=False)
 
 
-FORMATS: dict[str, Callable[[dict, _Record], Conversation]] = {
-    "cord_v2": _from_cord,
-    "rdr": _from_caption,
-    "columns": _from_columns,
-    "messages": _from_messages,
-    "llava": _from_llava,
-    "sharegpt": _from_sharegpt,
-}
+# ---------------------------------------------------------------------------------------------------------
+# The format table: adding a format is adding a row
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    convert: Callable[[dict, _Record], Conversation]
+    # Column sets that satisfy the format, the usual one first (a data source's column names apply).
+    columns: Callable[[DataSource], list[list[str]]]
+    # Auto-detection: column sets that identify the format; rows are tried in table order, first match wins.
+    detect: tuple[frozenset[str], ...]
+    help: str
+    named_columns: bool = False  # its columns follow the source's image_column / text_column / ... settings
+
+
+def _fixed(*options: list[str]) -> Callable[[DataSource], list[list[str]]]:
+    return lambda spec: [list(o) for o in options]
+
+
+FORMATS: tuple[Format, ...] = (
+    Format("cord_v2", _from_cord, lambda s: [[s.image_column, "ground_truth"]],
+           (frozenset({"image", "ground_truth"}),), "image, ground_truth", named_columns=True),
+    Format("messages", _from_messages, _fixed(["messages"], ["prompt", "completion"]),
+           (frozenset({"messages"}), frozenset({"prompt", "completion"})),
+           "messages, or prompt + completion; optional images"),
+    Format("llava", _from_llava, _fixed(["conversations"]), (frozenset({"conversations", "image"}),),
+           "conversations, image"),
+    Format("sharegpt", _from_sharegpt, _fixed(["conversations"], ["messages"]),
+           (frozenset({"conversations", "images"}),), "conversations or messages, images"),
+    Format("columns", _from_columns,
+           lambda s: [[s.image_column, s.text_column], [s.image_column, s.question_column, s.answer_column]],
+           (frozenset({"image", "question", "answer"}), frozenset({"image", "text"})),
+           "image + text, or image + question + answer; names set by image_column, text_column, question_column, "
+           "answer_column", named_columns=True),
+    Format("rdr", _from_caption, lambda s: [[s.image_column, s.text_column]], (), "image, text",
+           named_columns=True),
+)
+FORMAT_NAMES = tuple(f.name for f in FORMATS)
+_BY_NAME = {f.name: f for f in FORMATS}
+
+
+def get_format(name: str) -> Format:
+    if name not in _BY_NAME:
+        raise DataError(f"unknown data format {name!r}; use one of {', '.join(FORMAT_NAMES)}")
+    return _BY_NAME[name]
 
 
 def _finish(conv: Conversation, rec: _Record) -> Conversation:
@@ -362,63 +331,32 @@ def to_conversation(row: dict, fmt: str, spec: DataSource, base_dir: Path | None
     Raises SampleError for a bad record and DataError for an unknown format. ``spec.system_prompt`` is
     added only to records that bring no system turn of their own.
     """
-    if fmt not in FORMATS:
-        raise DataError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
+    convert = get_format(fmt).convert
     rec = _Record(spec, base_dir, index)
     if not isinstance(row, dict):
         raise rec.error("bad_record", f"record is a {type(row).__name__}, not a JSON object")
-    return _finish(FORMATS[fmt](row, rec), rec)
+    return _finish(convert(row, rec), rec)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Columns: detection and checks
 
 
-def _needs(fmt: str, spec: DataSource) -> list[list[str]]:
-    """Alternative column sets that satisfy a format, the usual one first."""
-    s = spec
-    return {
-        "cord_v2": [[s.image_column, "ground_truth"]],
-        "rdr": [[s.image_column, s.text_column]],
-        "columns": [[s.image_column, s.text_column], [s.image_column, s.question_column, s.answer_column]],
-        "messages": [["messages"], ["prompt", "completion"]],
-        "llava": [["conversations"]],
-        "sharegpt": [["conversations"], ["messages"]],
-    }[fmt]
-
-
-# Auto-detection, first match wins: (format, columns that must all be present).
-_DETECT = [
-    ("cord_v2", {"image", "ground_truth"}),
-    ("messages", {"messages"}),
-    ("messages", {"prompt", "completion"}),
-    ("llava", {"conversations", "image"}),
-    ("sharegpt", {"conversations", "images"}),
-    ("columns", {"image", "question", "answer"}),
-    ("columns", {"image", "text"}),
-]
-_FORMAT_HELP = ("cord_v2 (image, ground_truth); messages (messages, or prompt + completion; optional "
-                "images); llava (conversations, image); sharegpt (conversations or messages, images); "
-                "columns (image + text, or image + question + answer; names set by image_column, "
-                "text_column, question_column, answer_column); rdr (image, text)")
-
-
 def detect_format(columns: Sequence[str], where: str | None = None) -> str:
-    """The format a dataset with these columns is in (first match of _DETECT); DataError when none fits."""
+    """The format a dataset with these columns is in (first match in table order); DataError when none fits."""
     have = set(columns)
-    for fmt, needed in _DETECT:
-        if needed <= have:
-            return fmt
+    for fmt in FORMATS:
+        if any(needed <= have for needed in fmt.detect):
+            return fmt.name
     key = f"{where}.format" if where else "the data source's format"
+    help_ = "; ".join(f"{f.name} ({f.help})" for f in FORMATS)
     raise DataError(f"{where or 'data'}: cannot tell the data format from the columns {sorted(have)}; set "
-                    f"{key} to one of: {_FORMAT_HELP}")
+                    f"{key} to one of: {help_}")
 
 
 def required_columns(fmt: str, spec: DataSource, columns: Sequence[str] | None = None) -> list[str]:
     """The columns ``fmt`` reads; given the dataset's ``columns``, the variant they satisfy."""
-    if fmt not in FORMATS:
-        raise DataError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
-    options = _needs(fmt, spec)
+    options = get_format(fmt).columns(spec)
     have = set(columns or ())
     return next((o for o in options if set(o) <= have), options[0])
 
@@ -433,10 +371,10 @@ def check_columns(columns: Sequence[str], fmt: str, spec: DataSource, where: str
     missing = [c for c in needed if c not in have]
     if not missing:
         return
-    others = [o for o in _needs(fmt, spec) if o != needed]
+    others = [o for o in get_format(fmt).columns(spec) if o != needed]
     alt = "".join(f" (or {_quote(o)})" for o in others)
     names = (f" (or set {where}.image_column / text_column / question_column / answer_column)"
-             if fmt in ("columns", "rdr", "cord_v2") else "")
+             if get_format(fmt).named_columns else "")
     raise DataError(f"{where} (source {spec.source!r}): format {fmt!r} needs {_quote(missing)}{alt}, found "
                     f"columns {have}; set {where}.format or rename the column{names}")
 

@@ -7,10 +7,12 @@ import re
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vlmtune.config import DataSource
-from vlmtune.data.formats import DataError
+from vlmtune.errors import DataError
+
+if TYPE_CHECKING:
+    from vlmtune.config import DataSource
 
 # owner/name, as on the Hub; anything with a data-file suffix is a mistyped path, not a hub id.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")

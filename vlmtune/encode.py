@@ -1,4 +1,4 @@
-"""Conversation -> token ids + labels (assistant-only), and samples -> padded batches.
+"""Conversation -> token ids + labels (assistant-only): the one module that encodes.
 
 :func:`SampleEncoder.__call__` is the one place that owns token ids and the loss mask together: it renders
 the conversation with the processor's own chat template, lets the processor expand image tokens, then marks
@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vlmtune.data.formats import SampleError
+from vlmtune.data.dataset import ConversationDataset
+from vlmtune.errors import SampleError
 from vlmtune.families import Family
 
 IGNORE = -100
@@ -186,33 +187,23 @@ class SampleEncoder:
         )
 
 
-def collate(items: Sequence[Encoded | Skipped], pad_id: int) -> dict:
-    """Pad sequence-aligned tensors on the right; concatenate the vision tensors of the kept samples."""
-    kept = [it for it in items if isinstance(it, Encoded)]
-    batch: dict = {"skipped": [it for it in items if isinstance(it, Skipped)], "indices": [e.index for e in kept]}
-    if not kept:
-        return batch
-    width = max(e.length for e in kept)
-    keys = {k for e in kept for k in e.tensors}
-    seq_keys = set(kept[0].seq_keys)
-    for key in sorted(keys):
-        if key in seq_keys:
-            fill = {"input_ids": pad_id, "labels": IGNORE}.get(key, 0)
-            rows = [torch.nn.functional.pad(e.tensors[key], (0, width - e.length), value=fill) for e in kept]
-            batch[key] = torch.stack(rows)
-        else:
-            batch[key] = torch.cat(_zero_pad_trailing([e.tensors[key] for e in kept if key in e.tensors]))
-    return batch
+class EncodedDataset:
+    """A data source's samples, encoded: each item is an :class:`Encoded` sample, or a :class:`Skipped` record
+    saying why not. DataLoader workers run it (decoding, the processor and the labels)."""
 
+    def __init__(self, conversations: ConversationDataset, encoder: SampleEncoder):
+        self.conversations, self.encoder = conversations, encoder
 
-def _zero_pad_trailing(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Zero-pad all dimensions but the first to the largest among `tensors`, as a processor pads its own batch:
-    Idefics3 / SmolVLM return (1, images, C, H, W) per sample and skip the all-zero padding images."""
-    shape = tuple(max(sizes) for sizes in zip(*(t.shape[1:] for t in tensors), strict=True))
-    padded = []
-    for t in tensors:
-        if t.shape[1:] != shape:
-            t, small = t.new_zeros((t.shape[0], *shape)), t
-            t[tuple(slice(0, n) for n in small.shape)] = small
-        padded.append(t)
-    return padded
+    @classmethod
+    def of(cls, spec, encoder: SampleEncoder, where: str) -> EncodedDataset:
+        """The encoded samples of data source `spec` (a DataSource; `where`: its key path, for messages)."""
+        return cls(ConversationDataset(spec, where), encoder)
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+    def __getitem__(self, index: int) -> Encoded | Skipped:
+        try:
+            return self.encoder(self.conversations.conversation(index), index)
+        except SampleError as e:
+            return Skipped(index, e.reason, str(e))
