@@ -135,7 +135,7 @@ def _anls(refs: list[str], pred: str) -> Piece:
 
 def _to_float(text: str) -> float | None:
     try:
-        return float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
+        return float(text.rstrip("%")) / 100.0 if text.endswith("%") else float(text)
     except ValueError:
         return None
 
