@@ -7,7 +7,8 @@ are summed exactly and float values with :func:`math.fsum` (exactly rounded, so 
 run that gathers every rank's pieces and calls :func:`aggregate` therefore gets bit-for-bit the 1-rank number.
 
 A reference is a string or a non-empty list of strings (several accepted answers); per sample, the best
-reference counts. All values are on a 0..1 scale (BLEU too, i.e. sacrebleu's score / 100).
+reference counts. Values are on a 0..1 scale (BLEU too: sacrebleu's score / 100), except that the error rates
+``cer`` / ``wer`` exceed 1 when there are more edits than reference characters or words.
 
 Where the numbers come from (library where one does the job, hand-written where none does):
 
@@ -22,8 +23,8 @@ Where the numbers come from (library where one does the job, hand-written where 
   divides 0 by 0 and returns 0); an untagged prediction is an empty tree (Donut scores its
   ``{"text_sequence": ...}`` fallback as a tree, which can earn partial credit); node kinds are explicit
   rather than a ``<leaf>`` text prefix.
-- ``anls``: DocVQA's ANLS with threshold 0.5, hand-written (a few lines) on ``rapidfuzz``'s Levenshtein: the
-  ``anls`` package is unmaintained pure Python and ``evaluate``'s version inverts the similarity. Follows the
+- ``anls``: DocVQA's ANLS with threshold 0.5, hand-written (a few lines) on ``rapidfuzz``'s Levenshtein (the
+  ``anls`` package, last released in 2022, is a pure-Python Levenshtein plus the same few lines). Follows the
   official RRC evaluation script (lower-cased, whitespace collapsed, similarity kept when >= 0.5) except that
   the length is that of the compared (normalised) strings, as in the ANLS paper.
 - ``exact_match``: hand-written; equal after lower-casing and collapsing whitespace.
