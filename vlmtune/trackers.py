@@ -170,7 +170,9 @@ def _wandb_payloads(data: bytes) -> Iterator[bytes]:
 
 def read_wandb_run(path: str | Path) -> dict[str, Any]:
     """What one W&B run file (``run-<id>.wandb``) holds: ``{"history": [{"_step": 1, "loss": ...}, ...],
-    "config": {...}, "summary": {...}}`` (config and summary: the last value written for each key).
+    "config": {...}, "summary": {...}, "complete": bool}`` (config and summary: the last value written for each
+    key; complete: the run's exit record is there; W&B's service process writes the file after ``run.finish()``
+    returns, so a reader in the same process may have to wait for it).
 
     Usage: ``read_wandb_run(next(Path("runs/x/wandb").glob("offline-run-*/run-*.wandb")))["history"]``. The
     records are W&B's own protobuf messages (``wandb.proto.wandb_internal_pb2.Record``); a cut final record (a
@@ -181,7 +183,7 @@ def read_wandb_run(path: str | Path) -> dict[str, Any]:
     def key(item) -> str:
         return item.key or ".".join(item.nested_key)
 
-    out: dict[str, Any] = {"history": [], "config": {}, "summary": {}}
+    out: dict[str, Any] = {"history": [], "config": {}, "summary": {}, "complete": False}
     for raw in _wandb_payloads(Path(path).read_bytes()):
         record = pb.Record()
         record.ParseFromString(raw)
@@ -190,6 +192,8 @@ def read_wandb_run(path: str | Path) -> dict[str, Any]:
             out["history"].append({key(i): json.loads(i.value_json) for i in record.history.item})
         elif kind in ("config", "summary"):
             out[kind].update({key(i): json.loads(i.value_json) for i in getattr(record, kind).update})
+        elif kind == "exit":
+            out["complete"] = True
         elif kind == "run":  # the run's opening record carries the config given to wandb.init
             out["config"].update({key(i): json.loads(i.value_json) for i in record.run.config.update})
     return out
