@@ -198,6 +198,17 @@ def test_report_of_a_run_that_stopped_early(tmp_path, browser):
     assert seen["predictions"] == [] and seen["skipped"] == []
 
 
+def test_malformed_files_do_not_stop_the_report(tmp_path):
+    run = make_run(tmp_path / "run")
+    (run / "summary.json").write_text(json.dumps({"steps": 2, "skipped": ["too_long"], "skip_examples": "x"}))
+    (run / "label_samples.jsonl").write_text(json.dumps({"index": 0, "runs": "text", "images": "none"}) + "\n[1, 2]\n")
+    (run / "eval/final/predictions.jsonl").write_text(json.dumps({"index": 0, "scores": [1], "prediction": 3}) + "\n")
+    (run / "eval/final/metrics.json").write_text("{broken")
+    text = build_report(run).read_text()
+    assert "No sample was skipped" in text and "label_samples.jsonl: 1 line(s) are not JSON objects" in text
+    assert "eval/final/metrics.json is not valid JSON" in text
+
+
 def test_png_plots(tmp_path):
     run = make_run(tmp_path / "run")
     html_path = build_report(run, out=tmp_path / "site" / "demo.html", png=True)
@@ -225,6 +236,16 @@ def test_screenshot_script(tmp_path, browser):
         dark = sum(n for n, (r, g, b) in colors if max(r, g, b) < 60)
         assert dark < 0.02 * im.width * im.height
     assert (run / "report.html").is_file()
+
+
+def test_missing_chromium_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no browser on it
+    monkeypatch.delenv("VLMTUNE_CHROMIUM", raising=False)
+    with pytest.raises(BrowserError, match=r"apt-get install -y chromium"):
+        find_chromium()
+    monkeypatch.setenv("VLMTUNE_CHROMIUM", str(tmp_path / "chrome"))
+    with pytest.raises(BrowserError, match=r"VLMTUNE_CHROMIUM.*not an executable"):
+        find_chromium()
 
 
 def test_not_a_run_folder(tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from vlmtune.trackers import LoggingConfig, TrackerError, Trackers, flatten, read_wandb_run
+from vlmtune.trackers import LoggingConfig, TrackerError, Trackers, flatten, read_wandb_run, run_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = {"output_dir": "runs/x", "model": {"name_or_path": "tiny"}, "train": {"lr": 1e-4, "max_steps": 6},
@@ -193,7 +193,7 @@ def test_resume_continues_the_same_runs(tmp_path, wandb_env):
     for step in range(1, 6):
         first.log(step, step_metrics(step))
         if step == 3:
-            state = json.loads(json.dumps(first.state()))  # what the checkpoint stores
+            state = json.loads(json.dumps(first.state(step)))  # what the checkpoint stores
     first.close(failed=True)
     wandb_runs(out, 1)  # a resume is a new process, started after W&B's service wrote out the crashed run
 
@@ -269,6 +269,14 @@ def test_other_ranks_do_nothing(tmp_path):
     assert trackers.state() == {}
     trackers.close()
     assert not (tmp_path / "run").exists()
+
+
+def test_run_environment():
+    import torch
+
+    env = run_environment("cpu", 2)
+    assert env["torch"] == torch.__version__.split("+")[0] or env["torch"] == torch.__version__
+    assert env["world_size"] == 2 and env["device"] == "cpu" and env["python"].count(".") == 2
 
 
 def test_logging_config():

@@ -210,6 +210,10 @@ def _value_cell(value: Any) -> str:
     return _e(value)
 
 
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
 def _missing(name: str, why: str) -> str:
     return f'<p class="missing">No <code>{_e(name)}</code> in this run folder: {_e(why)}</p>'
 
@@ -252,8 +256,8 @@ def _section_skipped(run: Run) -> str:
     s = run.summary
     if s is None:
         return _missing("summary.json", "the skipped samples are counted in it at the end of the run")
-    skipped = s.get("skipped") or {}
-    examples = s.get("skip_examples") or {}
+    skipped = _dict(s.get("skipped"))
+    examples = _dict(s.get("skip_examples"))
     nonfinite = s.get("nonfinite_steps")
     extra = f"<p>Steps skipped for a non-finite loss: {_e(nonfinite)}.</p>" if nonfinite else ""
     if not skipped:
@@ -288,12 +292,12 @@ def _section_samples(run: Run) -> str:
     out = ['<p class="note">Highlighted: the tokens the loss trains (labels &ne; -100); everything else is masked.'
            "</p>"]
     for sample in run.samples:
-        runs = sample.get("runs") or []
-        text = "".join(f'<mark class="trained">{_e(str(t))}</mark>' if trained else _e(str(t))
-                       for t, trained in (r for r in runs if isinstance(r, list | tuple) and len(r) == 2))
-        images = "".join(_thumbnail(i) for i in sample.get("images") or [] if isinstance(i, dict))
-        n_trained = sum(len(str(t)) for t, trained in runs if trained) if runs else 0
-        n_all = sum(len(str(t)) for t, _ in runs) if runs else 0
+        runs = [(str(r[0]), bool(r[1])) for r in sample.get("runs") or [] if isinstance(r, list) and len(r) == 2]
+        text = "".join(f'<mark class="trained">{_e(t)}</mark>' if trained else _e(t) for t, trained in runs)
+        images = sample.get("images") if isinstance(sample.get("images"), list) else []
+        images = "".join(_thumbnail(i) for i in images if isinstance(i, dict))
+        n_trained = sum(len(t) for t, trained in runs if trained)
+        n_all = sum(len(t) for t, _ in runs)
         out.append(f'<article class="sample"><h3>sample {_e(sample.get("index", "?"))} '
                    f'<span class="muted">({_e(sample.get("split", "train"))}; {n_trained} of {n_all} characters '
                    f'trained)</span></h3><div class="thumbs">{images}</div><div class="tokens">{text}</div></article>')
@@ -305,11 +309,11 @@ def _section_predictions(run: Run) -> str:
         return '<p class="missing">No evaluation ran (no <code>eval/</code> folder in this run folder).</p>'
     out = []
     if run.eval_others:
-        names = sorted({k for _, m in run.eval_others for k in (m.get("metrics") or {})})
+        names = sorted({k for _, m in run.eval_others for k in _dict(m.get("metrics"))})
         head = "".join(f"<th>{_e(n)}</th>" for n in names)
         rows = "".join(f"<tr><td>{_e(folder)}</td><td class='num'>{_e(m.get('step', ''))}</td><td class='num'>"
                        f"{_e(m.get('samples', ''))}</td>"
-                       + "".join(f"<td class='num'>{_value_cell((m.get('metrics') or {}).get(n, ''))}</td>"
+                       + "".join(f"<td class='num'>{_value_cell(_dict(m.get('metrics')).get(n, ''))}</td>"
                                  for n in names) + "</tr>"
                        for folder, m in run.eval_others)
         out.append(f"<table class='grid'><thead><tr><th>evaluation</th><th>step</th><th>samples</th>{head}</tr>"
@@ -318,13 +322,13 @@ def _section_predictions(run: Run) -> str:
         out.append(_missing(f"eval/{run.eval_name}/predictions.jsonl", "this evaluation wrote no predictions"))
         return "".join(out)
     rows = run.predictions[:MAX_PREDICTIONS]
-    score_names = sorted({k for r in rows for k in (r.get("scores") or {})})
+    score_names = sorted({k for r in rows for k in _dict(r.get("scores"))})
     head = "".join(f"<th>{_e(n)}</th>" for n in score_names)
     body = "".join(
         f"<tr><td class='num'>{_e(r.get('index', ''))}</td><td><details><summary>prompt</summary><pre>"
         f"{_e(str(r.get('prompt', '')))}</pre></details></td><td><pre>{_e(str(r.get('reference', '')))}</pre></td>"
         f"<td><pre>{_e(str(r.get('prediction', '')))}</pre></td>"
-        + "".join(f"<td class='num'>{_value_cell((r.get('scores') or {}).get(n, ''))}</td>" for n in score_names)
+        + "".join(f"<td class='num'>{_value_cell(_dict(r.get('scores')).get(n, ''))}</td>" for n in score_names)
         + "</tr>" for r in rows)
     more = (f"<p class='note'>The first {MAX_PREDICTIONS} of {len(run.predictions)} predictions.</p>"
             if len(run.predictions) > MAX_PREDICTIONS else "")

@@ -19,9 +19,9 @@ Life of a run (rank 0 only; other ranks pass ``enabled=False`` and every call is
 
     trackers = Trackers(recipe.logging, output_dir)
     trackers.check()                                   # before the model loads: packages, servers
-    trackers.start(flatten(recipe_dict), env, resume=checkpoint_state.get("trackers"))
+    trackers.start(flatten(recipe_dict), run_environment(device, world_size), resume=checkpoint_state.get("trackers"))
     trackers.log(step, {"loss": ..., "lr": ...})       # every step; validation / evaluation the same way
-    checkpoint_state["trackers"] = trackers.state()    # at each checkpoint, after that step's log()
+    checkpoint_state["trackers"] = trackers.state(step)  # at each checkpoint, with the checkpoint's step
     trackers.summary(summary_dict)
     trackers.close()
 
@@ -103,6 +103,28 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def run_environment(device: str, world_size: int) -> dict[str, Any]:
+    """What a tracker records about where a run ran: package versions, Python, device and world size."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    env: dict[str, Any] = {"python": platform.python_version(), "device": device, "world_size": world_size}
+    for package in ("vlmtune", "torch", "transformers", "peft", "accelerate", "flash-attn", "liger-kernel"):
+        try:
+            env[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            env["cuda"] = torch.version.cuda
+            env["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return env
 
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -491,11 +513,15 @@ class Trackers:
         for backend in list(self.backends):
             self._guard(backend, "summary", backend.summary, dict(summary), self.last_step)
 
-    def state(self) -> dict[str, Any]:
-        """JSON-able run ids (+ the last step logged) to store in a checkpoint; ``start(resume=...)`` takes it."""
+    def state(self, step: int | None = None) -> dict[str, Any]:
+        """JSON-able run ids to store in a checkpoint; ``start(resume=...)`` takes it.
+
+        ``step``: the checkpoint's step (default: the last step logged). A resumed run re-runs the steps after it,
+        so TensorBoard drops what it holds after that step.
+        """
         if not self.enabled:
             return {}
-        out: dict[str, Any] = {"step": self.last_step}
+        out: dict[str, Any] = {"step": self.last_step if step is None else step}
         for backend in self.backends:
             out[backend.name] = backend.state()
         return out
