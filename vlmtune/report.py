@@ -116,7 +116,11 @@ def _eval_order(name: str) -> tuple[int, int]:
 
 
 def read_run(run_dir: str | Path) -> Run:
-    """Everything the report shows, from a run folder (``output_dir`` of a run)."""
+    """Everything the report shows, from a run folder (``output_dir`` of a run).
+
+    Usage: ``run = read_run("runs/demo"); run.steps[-1]["loss"], run.missing, run.notes``. Raises only when the
+    folder does not exist or holds none of a run's files.
+    """
     path = Path(run_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"run folder {str(path)!r} does not exist (give a run's output_dir)")
@@ -179,7 +183,11 @@ def _series(name: str, rows: list[dict], key: str) -> dict | None:
 
 
 def curves(run: Run) -> list[Chart]:
-    """The charts of a run: loss (train + validation), lr, grad norm, tokens/s, padding, one per eval metric."""
+    """The charts of a run: loss (train + validation), lr, grad norm, tokens/s, padding, one per eval metric.
+
+    Usage: ``[c.id for c in curves(read_run("runs/demo"))]`` -> ``["loss", "lr", ...]``; a curve with no finite
+    value is left out; a missing value (a skipped NaN step) is a ``None`` point, drawn as a gap.
+    """
     charts = []
     for chart_id, title, y_label, keys in STEP_CHARTS:
         series = [_series(label, run.validations if key == "val_loss" else run.steps, key) for label, key in keys]
@@ -429,7 +437,7 @@ document.documentElement.setAttribute("data-charts-drawn",String(data.charts.len
 
 
 def render_html(run: Run, charts: list[Chart]) -> str:
-    """The report page of ``run`` (see :func:`read_run`, :func:`curves`)."""
+    """The report page of ``run`` as one HTML string: ``render_html(run, curves(run))`` (what build_report writes)."""
     sections = [("summary", "Run summary", _section_summary(run)), ("curves", "Curves", _section_curves(run, charts)),
                 ("skipped", "Skipped samples", _section_skipped(run)),
                 ("samples", "Training samples as the model sees them", _section_samples(run)),
@@ -451,7 +459,10 @@ def render_html(run: Run, charts: list[Chart]) -> str:
 
 
 def write_pngs(charts: list[Chart], out_dir: Path, stem: str) -> list[Path]:
-    """One PNG per chart (``<stem>-<chart id>.png``), drawn by matplotlib's Agg canvas (no pyplot state)."""
+    """One PNG per chart (``<stem>-<chart id>.png``), drawn by matplotlib's Agg canvas (no pyplot state).
+
+    Usage: ``write_pngs(curves(read_run("runs/demo")), Path("docs"), "demo")`` -> ``[docs/demo-loss.png, ...]``.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -106,7 +106,10 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def run_environment(device: str, world_size: int) -> dict[str, Any]:
-    """What a tracker records about where a run ran: package versions, Python, device and world size."""
+    """What a tracker records about where a run ran: package versions, Python, device and world size.
+
+    Usage: ``trackers.start(flatten(recipe_dict), run_environment("cuda", world_size), resume)``.
+    """
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
