@@ -12,6 +12,12 @@ The official model (remote code ``hf_nemotron_parse_modeling.py``) is a vision e
 - ``decoder``: mBART decoder layers (transformers' ``MBartDecoderLayer``) under a scaled token embedding, with
   layer norms before and after, and NO position embeddings (the official decoder has none).
 - ``lm_head``: untied from the token embedding.
+
+Measured: with the same weights, ``encoder.model_encoder`` gives bit-identical summary and features to NVIDIA's own
+RADIO code (NVlabs/RADIO c0f3701 ``hf_model.RADIOModel``, built from the official encoder config, fp32, eval mode)
+at 2048 x 64 (the real canvas height: position table used as is, then cropped) and at scaled sizes. In train mode
+NVIDIA's RADIO also randomly jitters and drops (p = 0.1) its position embeddings (``ViTPatchGenerator``); this model
+does not: train and eval compute the same encoder.
 """
 
 
