@@ -420,6 +420,29 @@ def test_render_rejects_bad_blocks_with_the_reason():
         "<x_0.5><y_0.25>a<x_0.999><y_0.5>")  # canvas fractions as given; 1.0 has no token: the last step
 
 
+def test_teacher_forcing_trains_the_target_and_the_end_token_only(loaded):
+    model, processor = loaded
+    tok = processor.tokenizer
+    inputs, labels = syntax.teacher_forcing(tok, RESULT_RAW)
+    assert inputs[:5] == [2, 0, 50004, 50008, 50001] and len(inputs) == len(labels)
+    assert labels[:4] == [-100] * 4 and labels[-1] == 2 and -100 not in labels[4:]
+    assert tok.decode([t for t in labels if t != -100]) == RESULT_RAW + "</s>"
+    assert labels[:-1][4:] == inputs[5:]  # each label is the next input token
+    # The official convention: decoder input = labels shifted right behind the start token, prompt included.
+    with_prompt = [0, 50004, 50008, 50001, *labels[4:]]
+    assert [2, *with_prompt[:-1]] == inputs
+    pixels = pages(processor, (150, 200))
+    with torch.no_grad():
+        loss = model(pixel_values=pixels, decoder_input_ids=torch.tensor([inputs]),
+                     labels=torch.tensor([labels])).loss
+        logits = model(pixel_values=pixels, decoder_input_ids=torch.tensor([inputs])).logits[0].double()
+    trained = [(t, y) for t, y in enumerate(labels) if y != -100]
+    expected = sum(-torch.log_softmax(logits[t], -1)[y] for t, y in trained) / len(trained)
+    assert loss.item() == pytest.approx(float(expected), rel=1e-6)
+    with pytest.raises(ValueError, match="decoder start token"):
+        syntax.teacher_forcing(tok, "x", prompt="<s><predict_bbox>")
+
+
 def test_prompts():
     assert syntax.PROMPT == "</s><s><predict_bbox><predict_classes><output_markdown>"
     assert syntax.PROMPT_NO_TEXT.endswith("<output_no_text>")

@@ -13,6 +13,9 @@ then centred on a white 1648 x 2048 canvas), quantised to 1024 steps across (``<
 (``<y_j/1280>``), each written as ``str(round(value, 4))``. Sources: the official postprocessing.py
 (``extract_classes_bboxes``, ``transform_bbox_to_original``), a decoded page of the real model, and the checkpoint's
 tokenizer_config.json (token ids); see tests/assets/nemotron-parse/SOURCE.md.
+
+Here: the prompt (``PROMPT``), the token ids (``token_ids``), page geometry (``resized_size``, ``page_offset``,
+``to_canvas``, ``from_canvas``), ``render_page`` / ``parse_page``, and ``teacher_forcing`` (decoder input and labels).
 """
 
 from __future__ import annotations
@@ -95,6 +98,23 @@ def token_ids(tokenizer: Any) -> dict[str, list[int]]:
     ids = {name: [vocab[t] for t in tokens] for name, tokens in groups.items()}
     ids["structure"] = sorted(set(ids["task"] + ids["coordinate"] + ids["class"]))
     return ids
+
+
+def teacher_forcing(tokenizer: Any, target: str, prompt: str = PROMPT) -> tuple[list[int], list[int]]:
+    """(decoder_input_ids, labels) of one page: the prompt then the target as decoder input; labels aligned with it
+    (``labels[t]`` is the token after ``decoder_input_ids[:t + 1]``): -100 under the prompt (never trained), then
+    the target's tokens and the end token ``</s>``.
+
+    The prompt starts with the decoder start token (``</s>``), so the input is the official training layout too:
+    its ``labels`` shifted right behind the start token (``shift_tokens_right``) give the same decoder input.
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    target_ids = tokenizer(target, add_special_tokens=False).input_ids
+    if not prompt_ids or prompt_ids[0] != tokenizer.eos_token_id:
+        raise NemotronParseSyntaxError(f"the prompt {prompt!r} must start with the decoder start token </s>")
+    inputs = prompt_ids + target_ids
+    labels = [-100] * (len(prompt_ids) - 1) + target_ids + [tokenizer.eos_token_id]
+    return inputs, labels
 
 
 # ---------------------------------------------------------------------------------------------------------------
