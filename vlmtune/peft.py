@@ -35,6 +35,7 @@ ADAPTED_PARTS_SWITCH = {"vision_tower": "peft.vision", "projector": "peft.projec
                         "language_model": "freeze.language_model=false"}
 VISION_PARTS = ("vision_tower", "projector")  # get gradients only from steps that carry images
 _LORA_FACTOR = re.compile(r"\.lora_(embedding_)?([AB])(?=\.|$)")
+_BASE_LAYERS = re.compile(r"(\.base_layer)+$")
 
 
 class AdapterError(ValueError):
@@ -148,6 +149,32 @@ def lora_targets(model: torch.nn.Module, family: Family, pcfg: PeftConfig, freez
     return targets
 
 
+def expert_parameter_targets(model: torch.nn.Module, family: Family, pcfg: PeftConfig, freeze) -> list[str]:
+    """Full names of the fused MoE expert weights (``Family.expert_params``) that get adapters through peft's
+    ``target_parameters``: in a part that gets adapters, chosen by ``peft.target_modules`` (the default, or a pattern
+    naming the experts module) and not excluded. Empty where peft cannot adapt a parameter: with DoRA or dropout
+    (peft's parameter adapters support neither), with a warning saying how to include them."""
+    if not family.expert_params:
+        return []
+    parts = adapted_parts(pcfg, freeze)
+    patterns = pcfg.target_modules or ["all-linear"]
+    chosen = []
+    for name, _ in model.named_parameters():
+        module = name.rsplit(".", 1)[0]
+        if not name.endswith(family.expert_params) or part_of(name, family) not in parts:
+            continue
+        if not any(p == "all-linear" or name_matches(module, p) for p in patterns):
+            continue
+        if not any(name_matches(module, p) for p in pcfg.exclude_modules):
+            chosen.append(name)
+    if chosen and (pcfg.method == "dora" or pcfg.dropout):
+        warnings.warn(f"peft: the {len(chosen)} fused MoE expert weights ({_examples(chosen, 2)}) get no adapters: "
+                      f"peft adapts such parameters only with method=lora and dropout=0 (got method={pcfg.method}, "
+                      f"dropout={pcfg.dropout}); set peft.dropout=0 to adapt them", stacklevel=2)
+        return []
+    return chosen
+
+
 def save_targets(model: torch.nn.Module, family: Family, pcfg: PeftConfig, freeze, targets: Sequence[str]) -> list[str]:
     """Full names of the modules trained in full beside the adapters (peft.modules_to_save), outermost only."""
     frozen = {part for part in ("vision_tower", "projector", "language_model") if getattr(freeze, part)}
@@ -225,20 +252,23 @@ def apply_lora(model: torch.nn.Module, family: Family, pcfg: PeftConfig, freeze,
     parameter counts per part. Every base weight is frozen; ``modules_to_save`` train in full."""
     peft = _import_peft()
     targets = lora_targets(model, family, pcfg, freeze)
+    expert_targets = expert_parameter_targets(model, family, pcfg, freeze)
     to_save = save_targets(model, family, pcfg, freeze, targets)
     if getattr(model, "is_loaded_in_4bit", False):
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = peft.LoraConfig(r=pcfg.r, lora_alpha=pcfg.alpha, lora_dropout=pcfg.dropout, use_rslora=pcfg.use_rslora,
                              use_dora=pcfg.method == "dora", target_modules=targets, modules_to_save=to_save or None,
                              bias="none", base_model_name_or_path=base_reference(base_name_or_path),
-                             revision=revision)
+                             revision=revision, target_parameters=expert_targets or None)
     with _quiet_peft():
         model = peft.get_peft_model(model, config)
-    adapted = sorted({n.removeprefix(PEFT_PREFIX).split(".lora_")[0] for n, _ in model.named_parameters()
-                      if ".lora_" in n})
-    if adapted != sorted(targets):  # peft matched names its own way: never train something else silently
-        raise AdapterError(f"peft placed adapters on {len(adapted)} modules, vlmtune asked for {len(targets)}: "
-                           f"{_examples(sorted(set(adapted) ^ set(targets)))}")
+    # A parameter adapter wraps its module (nested, one per parameter: `experts.base_layer.lora_A` is the inner one)
+    adapted = sorted({_BASE_LAYERS.sub("", n.removeprefix(PEFT_PREFIX).split(".lora_")[0])
+                      for n, _ in model.named_parameters() if ".lora_" in n})
+    wanted = sorted({*targets, *(n.rsplit(".", 1)[0] for n in expert_targets)})
+    if adapted != wanted:  # peft matched names its own way: never train something else silently
+        raise AdapterError(f"peft placed adapters on {len(adapted)} modules, vlmtune asked for {len(wanted)}: "
+                           f"{_examples(sorted(set(adapted) ^ set(wanted)))}")
     return model, trainable_counts(model, family)
 
 

@@ -86,7 +86,7 @@ def build_kimi_vl(out: Path) -> Path:
         stage_official_files(Path(tmp), config)
         processor = AutoProcessor.from_pretrained(tmp)  # the path a real download takes
     torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_config(config)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)  # the real config says bf16
     with torch.no_grad():  # transformers starts the correction bias at zero; a trained router's is not
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):

@@ -8,11 +8,12 @@ Saved in the official layout: ``preprocessor_config.json`` (the image processor)
 
 from __future__ import annotations
 
+import json
 import os
 
 from transformers import BatchFeature, ProcessorMixin
 from transformers.processing_utils import ProcessingKwargs
-from transformers.utils import PROCESSOR_NAME
+from transformers.utils import IMAGE_PROCESSOR_NAME, PROCESSOR_NAME
 
 IMAGE_TOKEN = "<|media_pad|>"
 
@@ -72,13 +73,21 @@ class KimiVLProcessor(ProcessorMixin):
         return list(dict.fromkeys(self.tokenizer.model_input_names + self.image_processor.model_input_names))
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
-        """The official layout: the image processor in ``preprocessor_config.json`` (not nested in
-        ``processor_config.json``: this processor has no setting of its own beyond the chat template)."""
+        """The official layout: the image processor in ``preprocessor_config.json``, naming this processor class
+        (not nested in ``processor_config.json``: this processor has no setting of its own beyond the chat
+        template)."""
         if push_to_hub:
             raise NotImplementedError("push the saved folder with `hf upload` instead")
         files = super().save_pretrained(save_directory, **kwargs)
         nested = os.path.join(save_directory, PROCESSOR_NAME)
         if os.path.isfile(nested):
             os.remove(nested)
-        self.image_processor.save_pretrained(save_directory)
-        return [f for f in files if f != nested]
+        written = self.image_processor.save_pretrained(save_directory)
+        # The official file names the processor class (transformers 5 no longer writes it for image processors).
+        path = os.path.join(save_directory, IMAGE_PROCESSOR_NAME)
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+        config["processor_class"] = self.__class__.__name__
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return [*(f for f in files if f != nested), *written]
