@@ -96,9 +96,10 @@ def official_weight_shapes(config: dict) -> dict[str, tuple[int, ...]]:
             out[f"vision_tower.encoder.blocks.{b}.{name}"] = shape
     out.update({"vision_tower.encoder.final_layernorm.weight": (d,), "vision_tower.encoder.final_layernorm.bias": (d,)})
     merged, h = d * k[0] * k[1], t["hidden_size"]
-    out.update({"multi_modal_projector.pre_norm.weight": (d,), "multi_modal_projector.pre_norm.bias": (d,),
-                "multi_modal_projector.linear_1.weight": (merged, merged), "multi_modal_projector.linear_1.bias": (merged,),
-                "multi_modal_projector.linear_2.weight": (h, merged), "multi_modal_projector.linear_2.bias": (h,)})
+    proj = "multi_modal_projector"
+    out.update({f"{proj}.pre_norm.weight": (d,), f"{proj}.pre_norm.bias": (d,),
+                f"{proj}.linear_1.weight": (merged, merged), f"{proj}.linear_1.bias": (merged,),
+                f"{proj}.linear_2.weight": (h, merged), f"{proj}.linear_2.bias": (h,)})
     lm, vocab = "language_model.model", t["vocab_size"]
     out.update({f"{lm}.embed_tokens.weight": (vocab, h), f"{lm}.norm.weight": (h,),
                 "language_model.lm_head.weight": (vocab, h)})
@@ -125,7 +126,8 @@ def official_weight_shapes(config: dict) -> dict[str, tuple[int, ...]]:
                     f"{pre}.mlp.shared_experts.up_proj.weight": (shared, h),
                     f"{pre}.mlp.shared_experts.down_proj.weight": (h, shared)})
         for e in range(experts):
-            out.update({f"{pre}.mlp.experts.{e}.gate_proj.weight": (mi, h), f"{pre}.mlp.experts.{e}.up_proj.weight": (mi, h),
+            out.update({f"{pre}.mlp.experts.{e}.gate_proj.weight": (mi, h),
+                        f"{pre}.mlp.experts.{e}.up_proj.weight": (mi, h),
                         f"{pre}.mlp.experts.{e}.down_proj.weight": (h, mi)})
     return out
 
@@ -242,7 +244,8 @@ def test_a_checkpoint_in_the_official_layout_loads_every_tensor_where_it_belongs
         gate_up = torch.stack([torch.cat([ckpt[f"{pre}.{e}.gate_proj.weight"], ckpt[f"{pre}.{e}.up_proj.weight"]])
                                for e in range(4)])
         assert torch.equal(got[f"{pre}.gate_up_proj"], gate_up)
-        assert torch.equal(got[f"{pre}.down_proj"], torch.stack([ckpt[f"{pre}.{e}.down_proj.weight"] for e in range(4)]))
+        down = torch.stack([ckpt[f"{pre}.{e}.down_proj.weight"] for e in range(4)])
+        assert torch.equal(got[f"{pre}.down_proj"], down)
     assert torch.equal(got["language_model.model.layers.1.mlp.gate.e_score_correction_bias"],
                        ckpt["language_model.model.layers.1.mlp.gate.e_score_correction_bias"])
 
@@ -276,12 +279,14 @@ def test_saved_folder_is_the_official_layout_and_reloads(loaded, tiny, tmp_path)
 
     pre = json.loads((out / "preprocessor_config.json").read_text())
     official = json.loads((KIMI_VL / "preprocessor_config.json").read_text())
-    assert {k: pre.get(k) for k in official if k != "auto_map"} == {k: v for k, v in official.items() if k != "auto_map"}
+    official.pop("auto_map")  # remote code's entry points: not carried over (see README)
+    assert {k: pre.get(k) for k in official} == official
     tok = json.loads((out / "tokenizer_config.json").read_text())
     assert tok["tokenizer_class"] == "TikTokenTokenizer"
     assert {t["content"]: int(i) for i, t in tok["added_tokens_decoder"].items()
             if t["content"] in SPECIAL_IDS} == SPECIAL_IDS
-    assert (tok["bos_token"], tok["eos_token"], tok["pad_token"], tok["unk_token"]) == ("[BOS]", "[EOS]", "[PAD]", "[UNK]")
+    roles = (tok["bos_token"], tok["eos_token"], tok["pad_token"], tok["unk_token"])
+    assert roles == ("[BOS]", "[EOS]", "[PAD]", "[UNK]")
     assert read_tiktoken_ranks(out / "tiktoken.model") == read_tiktoken_ranks(tiny / "tiktoken.model")
     assert (out / "chat_template.jinja").read_text() == (KIMI_VL / "chat_template.jinja").read_text()
 
@@ -550,9 +555,11 @@ def reference_tiktoken_encode(text: str, ranks: dict[bytes, int], specials: dict
     return ids
 
 
-TEXTS = ["Hello World! It's 2024-05-01, total: 12.50 EUR.\n\nThank you.", "你好，世界。图像中有一个红色的正方形。abc你好DEF",
+TEXTS = ["Hello World! It's 2024-05-01, total: 12.50 EUR.\n\nThank you.",
+         "你好，世界。图像中有一个红色的正方形。abc你好DEF",
          "<|im_user|>user<|im_middle|>What do you see?<|im_end|><|im_assistant|>assistant<|im_middle|>",
-         "   spaces\tand\ttabs\r\n  ", "ÀÉÎõü naïve café — “quotes” 😀 👍🏽", "◁think▷x◁/think▷y", "12345678 don't WE'LL"]
+         "   spaces\tand\ttabs\r\n  ", "ÀÉÎõü naïve café — “quotes” 😀 👍🏽", "◁think▷x◁/think▷y",
+         "12345678 don't WE'LL"]
 
 
 def test_tokenizer_matches_a_reference_tiktoken_encoder(loaded, tiny):
