@@ -654,3 +654,40 @@ def test_expert_adapters_need_no_dropout_and_say_so(loaded):
     for pcfg in (PeftConfig(method="lora", dropout=0.05), PeftConfig(method="dora", dropout=0.0)):
         with pytest.warns(UserWarning, match="set peft.dropout=0 to adapt them"):
             assert expert_parameter_targets(model, FAMILY, pcfg, FreezeConfig()) == []
+
+
+def test_lora_run_with_expert_adapters_exports_merged_to_the_official_layout(tiny, loaded, tmp_path):
+    """`vlmtune finetune` with LoRA (dropout 0): the adapter has the routed experts' factors; `vlmtune export --merge`
+    writes the official per-expert names, and the merged folder computes what base + adapter computes."""
+    import yaml
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from vlmtune.cli import main
+
+    picture().save(tmp_path / "a.png")
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Colour {i}?"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": f"Red number {i}."}]}],
+             "images": ["a.png"]} for i in range(3)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "out"), "model": {"name_or_path": str(tiny)},
+        "data": {"train": {"source": str(tmp_path / "data.jsonl")}},
+        "train": {"max_steps": 2, "micro_batch_size": 3, "global_batch_size": 3, "lr": 1e-2, "max_length": 512},
+        "peft": {"method": "lora", "r": 2, "dropout": 0.0}}))
+    assert main(["finetune", "-c", str(tmp_path / "r.yaml")]) == 0
+    adapter = load_file(tmp_path / "out" / "final" / "adapter_model.safetensors")
+    expert_factors = [k for k in adapter if ".mlp.experts." in k]
+    assert len(expert_factors) == 4 and any(adapter[k].abs().sum() > 0 for k in expert_factors if "lora_B" in k)
+    assert main(["export", "--checkpoint", str(tmp_path / "out" / "final"), "--out", str(tmp_path / "hf"),
+                 "--merge"]) == 0
+    merged_weights = load_file(tmp_path / "hf" / "model.safetensors")
+    assert {k: tuple(v.shape) for k, v in merged_weights.items()} == \
+        official_weight_shapes(json.loads((tmp_path / "hf" / "config.json").read_text()))
+    base, processor = loaded
+    adapted = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out" / "final").eval()
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    batch = processor(text=["<|media_pad|>Colour?"], images=[picture()], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, adapted(**batch).logits, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(merged(**batch).logits, base(**batch).logits, atol=1e-4)
