@@ -298,6 +298,29 @@ def test_saved_folder_is_the_official_layout_and_reloads(loaded, tiny, tmp_path)
     assert type(AutoProcessor.from_pretrained(out)).__name__ == "KimiVLProcessor"
 
 
+def test_remote_code_files_travel_with_the_processor(loaded, tiny, tmp_path):
+    """A checkpoint with remote code (auto_map entries and their modules, as the official ones have): the modules
+    are copied along when the processor is saved, so a saved folder loads in remote-code engines as the original
+    does; a checkpoint without them (the tiny model's folder) gets none."""
+    from transformers import AutoProcessor
+
+    source = tmp_path / "official"
+    shutil.copytree(tiny, source)
+    for name in ("config.json", "preprocessor_config.json", "tokenizer_config.json"):  # the official auto_maps
+        mine, official = json.loads((source / name).read_text()), json.loads((KIMI_VL / name).read_text())
+        (source / name).write_text(json.dumps({**mine, "auto_map": official["auto_map"]}))
+    modules = ["configuration_kimi_vl.py", "image_processing_kimi_vl.py", "modeling_kimi_vl.py",
+               "processing_kimi_vl.py", "tokenization_moonshot.py"]
+    for name in modules:
+        (source / name).write_text(f"# {name}\n")
+    AutoProcessor.from_pretrained(source).save_pretrained(tmp_path / "saved")
+    assert sorted(p.name for p in (tmp_path / "saved").glob("*.py")) == modules
+    assert (tmp_path / "saved" / "tokenization_moonshot.py").read_text() == "# tokenization_moonshot.py\n"
+    _, processor = loaded
+    processor.save_pretrained(tmp_path / "plain")
+    assert list((tmp_path / "plain").glob("*.py")) == []
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Numerics: MoonViT + projector against a reference written from the description; the text model against
 # transformers' DeepSeek-V3

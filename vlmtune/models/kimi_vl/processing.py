@@ -3,19 +3,50 @@
 The chat template writes one ``<|media_pad|>`` per image (inside ``<|media_start|>image<|media_content|>`` ...
 ``<|media_end|>``); the processor repeats it once per image token (each image's 2x2 patch groups), then tokenizes.
 Saved in the official layout: ``preprocessor_config.json`` (the image processor), the tokenizer's files
-(``tiktoken.model``, ``tokenizer_config.json``, plus ``tokenizer.json``) and ``chat_template.jinja``.
+(``tiktoken.model``, ``tokenizer_config.json``, plus ``tokenizer.json``) and ``chat_template.jinja``. The config
+files keep the checkpoint's ``auto_map`` entries, so the remote-code modules they name are copied along from the
+checkpoint the processor was loaded from (where it has them): engines that load Kimi-VL through remote code (vLLM,
+SGLang with ``--trust-remote-code``) then read a saved folder as they read the original.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+from pathlib import Path
 
 from transformers import BatchFeature, ProcessorMixin
 from transformers.processing_utils import ProcessingKwargs
 from transformers.utils import IMAGE_PROCESSOR_NAME, PROCESSOR_NAME
 
 IMAGE_TOKEN = "<|media_pad|>"
+CONFIG_FILES = ("config.json", "preprocessor_config.json", "tokenizer_config.json", "processor_config.json")
+
+
+def checkpoint_file(source: str, name: str) -> Path | None:
+    """`name` in the checkpoint `source` (a local folder, or a hub id already in the local cache), else None."""
+    if Path(source).is_dir():
+        path = Path(source) / name
+        return path if path.is_file() else None
+    from transformers.utils import cached_file
+
+    try:
+        found = cached_file(source, name, local_files_only=True, _raise_exceptions_for_missing_entries=False)
+    except OSError:
+        return None
+    return Path(found) if found else None
+
+
+def remote_code_files(source: str) -> list[Path]:
+    """The remote-code modules the checkpoint's ``auto_map`` entries name (``module.Class`` -> ``module.py``)."""
+    modules: set[str] = set()
+    for name in CONFIG_FILES:
+        path = checkpoint_file(source, name)
+        auto_map = json.loads(path.read_text(encoding="utf-8")).get("auto_map", {}) if path else {}
+        refs = [r for v in auto_map.values() for r in (v if isinstance(v, list) else [v]) if isinstance(r, str)]
+        modules.update(ref.split("--")[-1].rsplit(".", 1)[0] for ref in refs)
+    return [path for module in sorted(modules) if (path := checkpoint_file(source, f"{module}.py"))]
 
 
 class KimiVLProcessorKwargs(ProcessingKwargs, total=False):
@@ -90,4 +121,10 @@ class KimiVLProcessor(ProcessorMixin):
         config["processor_class"] = self.__class__.__name__
         with open(path, "w", encoding="utf-8") as f:
             f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        return [*(f for f in files if f != nested), *written]
+        copied = []
+        for src in remote_code_files(self.tokenizer.name_or_path) if self.tokenizer.name_or_path else []:
+            dst = Path(save_directory) / src.name
+            if src.resolve() != dst.resolve():
+                shutil.copyfile(src, dst)
+            copied.append(str(dst))
+        return [*(f for f in files if f != nested), *written, *copied]
