@@ -4,7 +4,9 @@ Adapters go on an explicit list of module names computed from the family table (
 peft's ``"all-linear"`` (which also hits the vision tower and projector of most VLMs). By default every
 ``nn.Linear`` of the language model except the output head gets an adapter; ``peft.vision`` and
 ``peft.projector`` add those parts. With adapters every base weight is frozen, and ``freeze.<part>: true``
-means "no adapters in that part" (asking for adapters in a frozen part is a recipe error).
+means "no adapters in that part" (asking for adapters in a frozen part is a recipe error). MoE experts stored as
+fused 3-D weights (``Family.expert_params``) are no ``nn.Linear``: they get adapters through peft's
+``target_parameters``, where peft can (LoRA without dropout).
 
 Name patterns (``peft.target_modules``, ``exclude_modules``, ``modules_to_save``) are names or globs matched
 against any dotted piece of a module's name that ends at a module boundary, so ``q_proj``,
