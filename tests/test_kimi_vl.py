@@ -714,3 +714,27 @@ def test_lora_run_with_expert_adapters_exports_merged_to_the_official_layout(tin
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, adapted(**batch).logits, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(merged(**batch).logits, base(**batch).logits, atol=1e-4)
+
+
+def test_activation_checkpointing_covers_decoder_layers_and_vision_blocks(loaded):
+    """Every DeepSeek-V3 decoder layer and MoonViT block is a checkpointable layer (FSDP2 units and
+    distributed.activation_checkpointing rely on it); recomputing changes no gradient."""
+    from vlmtune.loss import loss_sum
+    from vlmtune.parallel import apply_activation_checkpointing
+
+    base, processor = loaded
+    batch = lora_batch(processor)
+
+    def grads(model):
+        model.train().zero_grad()
+        loss_sum(model, batch, None).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model = copy.deepcopy(base)
+    want = grads(model)
+    assert apply_activation_checkpointing(model, FAMILY, "language") == 2
+    assert apply_activation_checkpointing(model, FAMILY, "vision") == 2
+    got = grads(model)
+    assert got.keys() == want.keys() and len(got) == len(list(model.parameters()))
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, atol=1e-6, rtol=1e-5, msg=name)
