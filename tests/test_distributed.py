@@ -273,6 +273,9 @@ def test_kimi_vl_fsdp2_two_ranks_match_one_rank(setting, two_ranks, tiny_model, 
     assert_same_losses(tmp_path / "one", out)
     if setting == "full":
         assert_same_final_model(tmp_path / "one" / "final", out / "final", model_dir)
+        # Gathered layer by layer, still the official names (fused q|k|v, per-expert weights) save_pretrained writes.
+        assert sorted(load_file(out / "final" / "model.safetensors")) == \
+            sorted(load_file(tmp_path / "one" / "final" / "model.safetensors"))
     else:
         assert_same_adapter(tmp_path / "one" / "final", out / "final")
         assert any(".mlp.experts.lora_B." in k for k in load_file(out / "final" / "adapter_model.safetensors"))
