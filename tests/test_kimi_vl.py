@@ -637,7 +637,7 @@ def lora_batch(processor):
 
 def test_lora_adapts_the_fused_experts_without_dropout(loaded, tiny):
     from vlmtune.loss import loss_sum
-    from vlmtune.peft import apply_lora, expert_parameter_targets
+    from vlmtune.peft import AdapterError, apply_lora, expert_parameter_targets, lora_targets
 
     model, processor = loaded
     experts = [n for n, p in model.named_parameters() if p.dim() == 3 and ".mlp.experts." in n]
@@ -648,8 +648,16 @@ def test_lora_adapts_the_fused_experts_without_dropout(loaded, tiny):
     assert expert_parameter_targets(model, FAMILY, pcfg, FreezeConfig(language_model=True)) == []
     assert expert_parameter_targets(model, FAMILY, PeftConfig(method="lora", dropout=0.0, target_modules=["q_proj"]),
                                     FreezeConfig()) == []
-    assert expert_parameter_targets(model, FAMILY, PeftConfig(method="lora", dropout=0.0, target_modules=["experts"]),
-                                    FreezeConfig()) == experts
+    only_experts = PeftConfig(method="lora", dropout=0.0, target_modules=["experts"], r=2)
+    assert expert_parameter_targets(model, FAMILY, only_experts, FreezeConfig()) == experts
+    assert lora_targets(model, FAMILY, only_experts, FreezeConfig()) == []
+    adapters_only_on_experts, _ = apply_lora(copy.deepcopy(model), FAMILY, only_experts, FreezeConfig(), str(tiny))
+    assert {n.split(".lora_")[0] for n, _ in adapters_only_on_experts.named_parameters() if ".lora_" in n} == \
+        {"base_model.model.language_model.model.layers.1.mlp.experts",
+         "base_model.model.language_model.model.layers.1.mlp.experts.base_layer"}
+    with pytest.raises(AdapterError, match="chose only fused MoE experts"), pytest.warns(UserWarning):
+        apply_lora(copy.deepcopy(model), FAMILY, PeftConfig(method="lora", target_modules=["experts"]),
+                   FreezeConfig(), str(tiny))
     peft_model, _ = apply_lora(copy.deepcopy(model), FAMILY, pcfg, FreezeConfig(), str(tiny))
     factors = {n: p for n, p in peft_model.named_parameters() if ".mlp.experts." in n and ".lora_" in n}
     assert len(factors) == 4 and all(p.requires_grad for p in factors.values())

@@ -123,10 +123,15 @@ def lora_targets(model: torch.nn.Module, family: Family, pcfg: PeftConfig, freez
               if isinstance(m, torch.nn.Linear) and type(m).forward is torch.nn.Linear.forward and m is not head
               and not n.endswith(family.no_adapters)]
     patterns = pcfg.target_modules or ["all-linear"]
+    # Modules holding fused expert weights: no layer here, adapted through peft's target_parameters instead.
+    experts = {n.rsplit(".", 1)[0] for n, _ in model.named_parameters()
+               if family.expert_params and n.endswith(family.expert_params) and part_of(n, family) in parts}
     chosen: set[str] = set()
     for pattern in patterns:
         pool = linear if pattern == "all-linear" else [(n, part) for n, part, _ in layers]
         hits = [n for n, part in pool if part in parts and (pattern == "all-linear" or name_matches(n, pattern))]
+        if not hits and any(name_matches(m, pattern) for m in experts):
+            continue  # see expert_parameter_targets
         if not hits:
             elsewhere = [(n, part) for n, part in pool if part not in parts
                          and (pattern == "all-linear" or name_matches(n, pattern))]
@@ -145,6 +150,9 @@ def lora_targets(model: torch.nn.Module, family: Family, pcfg: PeftConfig, freez
             raise AdapterError(f"peft.exclude_modules pattern {pattern!r} matches no module of the model")
         chosen = {n for n in chosen if not name_matches(n, pattern)}
     targets = [n for n, _, _ in layers if n in chosen]
+    if not targets and any(name_matches(m, p) and not any(name_matches(m, x) for x in pcfg.exclude_modules)
+                           for m in experts for p in patterns):
+        return targets  # only fused experts: their parameter adapters are all there is
     if not targets:
         raise AdapterError("peft: no layer is left to adapt after peft.exclude_modules "
                            f"{pcfg.exclude_modules}; exclude fewer")
@@ -255,6 +263,9 @@ def apply_lora(model: torch.nn.Module, family: Family, pcfg: PeftConfig, freeze,
     peft = _import_peft()
     targets = lora_targets(model, family, pcfg, freeze)
     expert_targets = expert_parameter_targets(model, family, pcfg, freeze)
+    if not targets and not expert_targets:
+        raise AdapterError("peft.target_modules chose only fused MoE experts, which peft adapts only with "
+                           "method=lora and dropout=0; set peft.dropout=0 or target other layers too")
     to_save = save_targets(model, family, pcfg, freeze, targets)
     if getattr(model, "is_loaded_in_4bit", False):
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
