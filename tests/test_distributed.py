@@ -189,9 +189,9 @@ def one_rank(tiny_model_dir, color_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tiny_model_dir, color_data, tmp_path_factory) -> Launch:
-    """Every 2-rank parity run (FSDP2 / DDP x full / LoRA, FSDP2 packed, HSDP) in one launch, then a run whose rank 1
-    fails."""
+def two_ranks(tiny_model_dir, tiny_model, color_data, tmp_path_factory) -> Launch:
+    """Every 2-rank parity run (FSDP2 / DDP x full / LoRA, FSDP2 packed, HSDP; Kimi-VL FSDP2 full / LoRA) in one
+    launch, then a run whose rank 1 fails."""
 
     def runs(root: Path) -> dict[str, dict]:
         runs = {}
@@ -210,6 +210,11 @@ def two_ranks(tiny_model_dir, color_data, tmp_path_factory) -> Launch:
         # HSDP on a 2-D mesh: 2 replicas of a 1-rank shard group.
         runs["hsdp-full"] = tree(tiny_model_dir, color_data, root / "hsdp-full",
                                  distributed={"strategy": "fsdp2", "dp_replicate": 2, "dp_shard": 1}, **FULL)
+        # Kimi-VL (vlmtune's native MoE family): FSDP2 units over its DeepSeek-V3 layers and MoonViT; LoRA (no
+        # dropout) includes the fused routed experts' parameter adapters.
+        for setting in ("full", "lora"):
+            runs[f"kimi_vl-{setting}"] = tree(tiny_model("kimi_vl"), color_data, root / f"kimi_vl-{setting}",
+                                              distributed={"strategy": "fsdp2"}, **SETTINGS[setting])
         runs["failing"] = tree(tiny_model_dir, color_data, root / "failing", max_steps=20,
                                distributed={"timeout_s": 60}, **FROZEN_LM)
         return runs
@@ -256,6 +261,24 @@ def test_hsdp_matches_one_rank(two_ranks, one_rank, tiny_model_dir):
     for ra, rb in zip(steps(ref), steps(out), strict=True):
         assert abs(ra["grad_norm"] - rb["grad_norm"]) <= 1e-5 * ra["grad_norm"], (ra, rb)
     assert_same_final_model(ref / "final", out / "final", tiny_model_dir)
+
+
+@pytest.mark.parametrize("setting", ["full", "lora"])
+def test_kimi_vl_fsdp2_two_ranks_match_one_rank(setting, two_ranks, tiny_model, color_data, tmp_path):
+    """Kimi-VL under FSDP2 on 2 ranks: the 1-rank losses step by step, and the same final weights / adapter (the
+    adapter includes the routed experts' parameter adapters)."""
+    model_dir = tiny_model("kimi_vl")
+    finetune(build_recipe(tree(model_dir, color_data, tmp_path / "one", **SETTINGS[setting])))
+    out = two_ranks.out(f"kimi_vl-{setting}")
+    assert_same_losses(tmp_path / "one", out)
+    if setting == "full":
+        assert_same_final_model(tmp_path / "one" / "final", out / "final", model_dir)
+        # Gathered layer by layer, still the official names (fused q|k|v, per-expert weights) save_pretrained writes.
+        assert sorted(load_file(out / "final" / "model.safetensors")) == \
+            sorted(load_file(tmp_path / "one" / "final" / "model.safetensors"))
+    else:
+        assert_same_adapter(tmp_path / "one" / "final", out / "final")
+        assert any(".mlp.experts.lora_B." in k for k in load_file(out / "final" / "adapter_model.safetensors"))
 
 
 def assert_same_final_model(a_dir: Path, b_dir: Path, base_dir: Path) -> None:

@@ -36,6 +36,12 @@ IDEFICS_PARTS = {
     "projector": ("model.connector",),
     "language_model": ("model.text_model", "lm_head"),
 }
+# Kimi-VL: the official checkpoint's module layout (vlmtune/models/kimi_vl), no `model.` wrapper.
+KIMI_VL_PARTS = {
+    "vision_tower": ("vision_tower",),
+    "projector": ("multi_modal_projector",),
+    "language_model": ("language_model",),
+}
 
 CHATML = {"assistant_start": "<|im_start|>assistant\n", "assistant_end": "<|im_end|>"}
 # LLaVA-style CLIP towers: the projector reads hidden_states[vision_feature_layer], never the final norm.
@@ -75,6 +81,10 @@ class Family:
     no_packing: str = ""
     notes: str = ""
     model_types: tuple[str, ...] = field(default=())
+    # MoE experts stored as fused 3-D parameters (names relative to their module, e.g. "mlp.experts.gate_up_proj"):
+    # no nn.Linear for LoRA to wrap, so vlmtune/peft.py adapts them through peft's `target_parameters` (possible
+    # with LoRA and peft.dropout=0; peft's parameter adapters support neither dropout nor DoRA).
+    expert_params: tuple[str, ...] = ()
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -135,6 +145,13 @@ FAMILIES: tuple[Family, ...] = (
     Family("mistral3", LLAVA_PARTS, "[/INST]", "</s>", model_types=("mistral3",),
            notes="template injects a default [SYSTEM_PROMPT]; Mistral-Small-3.x and Ministral 3 (Mistral text "
                  "model) and Mistral-Small-4 (text_config mistral4: MLA + MoE) share this model type"),
+    # Kimi-VL (vlmtune's native implementation, no remote code): turns end with <|im_end|> and no newline. The
+    # Thinking models write their reasoning as `◁think▷...◁/think▷` at the start of the answer, which the templates
+    # leave to the text: in training data it is part of the answer and trained.
+    Family("kimi_vl", KIMI_VL_PARTS, "<|im_assistant|>assistant<|im_middle|>", "<|im_end|>", model_types=("kimi_vl",),
+           expert_params=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+           notes="template injects a default system prompt when none is given; Instruct, Thinking and "
+                 "Thinking-2506 share the template format"),
 )
 
 _BY_MODEL_TYPE = {mt: fam for fam in FAMILIES for mt in fam.model_types}

@@ -38,6 +38,7 @@ LIGER_NORMS: dict[str, tuple[float, str]] = {
     "Qwen3RMSNorm": (0.0, "llama"),
     "Idefics3RMSNorm": (0.0, "llama"),
     "InternVLVisionRMSNorm": (0.0, "llama"),
+    "DeepseekV3RMSNorm": (0.0, "llama"),
 }
 
 

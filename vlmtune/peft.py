@@ -4,7 +4,9 @@ Adapters go on an explicit list of module names computed from the family table (
 peft's ``"all-linear"`` (which also hits the vision tower and projector of most VLMs). By default every
 ``nn.Linear`` of the language model except the output head gets an adapter; ``peft.vision`` and
 ``peft.projector`` add those parts. With adapters every base weight is frozen, and ``freeze.<part>: true``
-means "no adapters in that part" (asking for adapters in a frozen part is a recipe error).
+means "no adapters in that part" (asking for adapters in a frozen part is a recipe error). MoE experts stored as
+fused 3-D weights (``Family.expert_params``) are no ``nn.Linear``: they get adapters through peft's
+``target_parameters``, where peft can (LoRA without dropout).
 
 Name patterns (``peft.target_modules``, ``exclude_modules``, ``modules_to_save``) are names or globs matched
 against any dotted piece of a module's name that ends at a module boundary, so ``q_proj``,
@@ -35,6 +37,7 @@ PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the wrapped mode
 ADAPTED_PARTS_SWITCH = {"vision_tower": "peft.vision", "projector": "peft.projector",
                         "language_model": "freeze.language_model=false"}
 _LORA_FACTOR = re.compile(r"\.lora_(embedding_)?([AB])(?=\.|$)")
+_BASE_LAYERS = re.compile(r"(\.base_layer)+$")
 
 
 def _import_peft():
@@ -112,10 +115,15 @@ def lora_targets(model: torch.nn.Module, family: Family, pcfg: PeftConfig, freez
               if isinstance(m, torch.nn.Linear) and type(m).forward is torch.nn.Linear.forward and m is not head
               and not n.endswith(family.no_adapters)]
     patterns = pcfg.target_modules or ["all-linear"]
+    # Modules holding fused expert weights: no layer here, adapted through peft's target_parameters instead.
+    experts = {n.rsplit(".", 1)[0] for n, _ in model.named_parameters()
+               if family.expert_params and n.endswith(family.expert_params) and part_of(n, family) in parts}
     chosen: set[str] = set()
     for pattern in patterns:
         pool = linear if pattern == "all-linear" else [(n, part) for n, part, _ in layers]
         hits = [n for n, part in pool if part in parts and (pattern == "all-linear" or name_matches(n, pattern))]
+        if not hits and any(name_matches(m, pattern) for m in experts):
+            continue  # see expert_parameter_targets
         if not hits:
             elsewhere = [(n, part) for n, part in pool if part not in parts
                          and (pattern == "all-linear" or name_matches(n, pattern))]
@@ -134,10 +142,39 @@ def lora_targets(model: torch.nn.Module, family: Family, pcfg: PeftConfig, freez
             raise AdapterError(f"peft.exclude_modules pattern {pattern!r} matches no module of the model")
         chosen = {n for n in chosen if not name_matches(n, pattern)}
     targets = [n for n, _, _ in layers if n in chosen]
+    if not targets and any(name_matches(m, p) and not any(name_matches(m, x) for x in pcfg.exclude_modules)
+                           for m in experts for p in patterns):
+        return targets  # only fused experts: their parameter adapters are all there is
     if not targets:
         raise AdapterError("peft: no layer is left to adapt after peft.exclude_modules "
                            f"{pcfg.exclude_modules}; exclude fewer")
     return targets
+
+
+def expert_parameter_targets(model: torch.nn.Module, family: Family, pcfg: PeftConfig, freeze) -> list[str]:
+    """Full names of the fused MoE expert weights (``Family.expert_params``) that get adapters through peft's
+    ``target_parameters``: in a part that gets adapters, chosen by ``peft.target_modules`` (the default, or a pattern
+    naming the experts module) and not excluded. Empty where peft cannot adapt a parameter: with DoRA or dropout
+    (peft's parameter adapters support neither), with a warning saying how to include them."""
+    if not family.expert_params:
+        return []
+    parts = adapted_parts(pcfg, freeze)
+    patterns = pcfg.target_modules or ["all-linear"]
+    chosen = []
+    for name, _ in model.named_parameters():
+        module = name.rsplit(".", 1)[0]
+        if not name.endswith(family.expert_params) or part_of(name, family) not in parts:
+            continue
+        if not any(p == "all-linear" or name_matches(module, p) for p in patterns):
+            continue
+        if not any(name_matches(module, p) for p in pcfg.exclude_modules):
+            chosen.append(name)
+    if chosen and (pcfg.method == "dora" or pcfg.dropout):
+        warnings.warn(f"peft: the {len(chosen)} fused MoE expert weights ({_examples(chosen, 2)}) get no adapters: "
+                      f"peft adapts such parameters only with method=lora and dropout=0 (got method={pcfg.method}, "
+                      f"dropout={pcfg.dropout}); set peft.dropout=0 to adapt them", stacklevel=2)
+        return []
+    return chosen
 
 
 def save_targets(model: torch.nn.Module, family: Family, pcfg: PeftConfig, freeze, targets: Sequence[str]) -> list[str]:
@@ -217,20 +254,26 @@ def apply_lora(model: torch.nn.Module, family: Family, pcfg: PeftConfig, freeze,
     parameter counts per part. Every base weight is frozen; ``modules_to_save`` train in full."""
     peft = _import_peft()
     targets = lora_targets(model, family, pcfg, freeze)
+    expert_targets = expert_parameter_targets(model, family, pcfg, freeze)
+    if not targets and not expert_targets:
+        raise AdapterError("peft.target_modules chose only fused MoE experts, which peft adapts only with "
+                           "method=lora and dropout=0; set peft.dropout=0 or target other layers too")
     to_save = save_targets(model, family, pcfg, freeze, targets)
     if getattr(model, "is_loaded_in_4bit", False):
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = peft.LoraConfig(r=pcfg.r, lora_alpha=pcfg.alpha, lora_dropout=pcfg.dropout, use_rslora=pcfg.use_rslora,
                              use_dora=pcfg.method == "dora", target_modules=targets, modules_to_save=to_save or None,
                              bias="none", base_model_name_or_path=base_reference(base_name_or_path),
-                             revision=revision)
+                             revision=revision, target_parameters=expert_targets or None)
     with _quiet_peft():
         model = peft.get_peft_model(model, config)
-    adapted = sorted({n.removeprefix(PEFT_PREFIX).split(".lora_")[0] for n, _ in model.named_parameters()
-                      if ".lora_" in n})
-    if adapted != sorted(targets):  # peft matched names its own way: never train something else silently
-        raise AdapterError(f"peft placed adapters on {len(adapted)} modules, vlmtune asked for {len(targets)}: "
-                           f"{_examples(sorted(set(adapted) ^ set(targets)))}")
+    # A parameter adapter wraps its module (nested, one per parameter: `experts.base_layer.lora_A` is the inner one)
+    adapted = sorted({_BASE_LAYERS.sub("", n.removeprefix(PEFT_PREFIX).split(".lora_")[0])
+                      for n, _ in model.named_parameters() if ".lora_" in n})
+    wanted = sorted({*targets, *(n.rsplit(".", 1)[0] for n in expert_targets)})
+    if adapted != wanted:  # peft matched names its own way: never train something else silently
+        raise AdapterError(f"peft placed adapters on {len(adapted)} modules, vlmtune asked for {len(wanted)}: "
+                           f"{_examples(sorted(set(adapted) ^ set(wanted)))}")
     return model, trainable_counts(model, family)
 
 
