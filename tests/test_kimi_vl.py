@@ -30,8 +30,8 @@ from safetensors.torch import load_file, save_file
 from tiny.kimi_vl import KIMI_VL
 
 from vlmtune.cli import trained_runs
-from vlmtune.collate import SampleEncoder
 from vlmtune.config import FreezeConfig, ModelConfig, PeftConfig
+from vlmtune.encode import SampleEncoder
 from vlmtune.families import family_for
 from vlmtune.model import load_model
 from vlmtune.models import register_native_models
@@ -262,11 +262,11 @@ def test_a_checkpoint_in_the_official_layout_loads_every_tensor_where_it_belongs
 def test_saved_folder_is_the_official_layout_and_reloads(loaded, tiny, tmp_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from vlmtune.checkpoint import save_hf
     from vlmtune.models.kimi_vl.tokenization import read_tiktoken_ranks
-    from vlmtune.train import save_final
 
     model, processor = loaded
-    out = save_final(model, processor, tmp_path / "final")
+    out = save_hf(model, processor, tmp_path / "final")
     files = {f.name for f in out.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "preprocessor_config.json",
             "tokenizer_config.json", "tiktoken.model", "chat_template.jinja"} <= files
@@ -636,8 +636,9 @@ def lora_batch(processor):
 
 
 def test_lora_adapts_the_fused_experts_without_dropout(loaded, tiny):
+    from vlmtune.errors import AdapterError
     from vlmtune.loss import loss_sum
-    from vlmtune.peft import AdapterError, apply_lora, expert_parameter_targets, lora_targets
+    from vlmtune.peft import apply_lora, expert_parameter_targets, lora_targets
 
     model, processor = loaded
     experts = [n for n, p in model.named_parameters() if p.dim() == 3 and ".mlp.experts." in n]

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from vlmtune import scores
-from vlmtune.data.formats import FORMATS, json_to_tokens
+from vlmtune.data.formats import FORMAT_NAMES, json_to_tokens
 from vlmtune.scores import METRICS, ScoreError, rescore_file, score_rows, strip_thinking
 
 # ---------------------------------------------------------------------------------------------------------
@@ -461,7 +461,7 @@ def test_rescore_file_errors(tmp_path: Path):
 
 
 def test_metric_table_and_format_defaults():
-    assert set(scores.DEFAULT_METRICS) == set(FORMATS)
+    assert set(scores.DEFAULT_METRICS) == set(FORMAT_NAMES)
     assert all(name in METRICS for names in scores.DEFAULT_METRICS.values() for name in names)
     assert {m for m, spec in METRICS.items() if not spec.higher_is_better} == {"cer", "wer"}
     # every metric scores the empty and the unicode edge cases without error, within its range

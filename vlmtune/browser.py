@@ -25,12 +25,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vlmtune.errors import VlmtuneError
+
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 INSTALL_HINT = ("install it: apt-get install -y chromium (Debian/Ubuntu), or set VLMTUNE_CHROMIUM to a Chromium or "
                 "Chrome executable")
 
 
-class BrowserError(RuntimeError):
+class BrowserError(VlmtuneError, RuntimeError):
     """Chromium missing, not starting, or a protocol call that failed or timed out."""
 
 

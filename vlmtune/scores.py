@@ -61,6 +61,7 @@ import regex
 from rapidfuzz.distance import Levenshtein
 
 from vlmtune.data.formats import tokens_to_json
+from vlmtune.errors import VlmtuneError
 
 ANLS_THRESHOLD = 0.5
 RELAXED_TOLERANCE = 0.05
@@ -69,7 +70,7 @@ RELAXED_TOLERANCE = 0.05
 THINK_TAGS: dict[str, tuple[str, str]] = {"think": ("<think>", "</think>"), "kimi": ("◁think▷", "◁/think▷")}
 
 
-class ScoreError(ValueError):
+class ScoreError(VlmtuneError, ValueError):
     """Bad scoring input: an unknown metric, a row without reference or prediction, an unreadable file."""
 
 

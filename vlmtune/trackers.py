@@ -50,6 +50,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from vlmtune.errors import VlmtuneError
+
 BackendName = Literal["tensorboard", "wandb", "mlflow", "trackio"]
 
 
@@ -80,7 +82,7 @@ class LoggingConfig(BaseModel):
         return value
 
 
-class TrackerError(RuntimeError):
+class TrackerError(VlmtuneError, RuntimeError):
     """A tracker that cannot start or log: what, which backend, how to fix."""
 
 

@@ -18,6 +18,8 @@ from transformers import PreTrainedConfig
 from transformers.models.mbart.configuration_mbart import MBartConfig
 from transformers.models.radio.configuration_radio import RadioConfig
 
+from vlmtune.errors import VlmtuneError
+
 # timm ViT names used as RADIO backbones -> (hidden size, layers, heads), from timm's model definitions.
 # C-RADIOv2-H, Nemotron-Parse's encoder, is "vit_huge_patch16_224".
 RADIO_BACKBONES = {"vit_huge_patch16_224": (1280, 32, 16)}
@@ -25,7 +27,7 @@ RADIO_BACKBONES = {"vit_huge_patch16_224": (1280, 32, 16)}
 ENCODER_SIZE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads")
 
 
-class NemotronParseConfigError(ValueError):
+class NemotronParseConfigError(VlmtuneError, ValueError):
     pass
 
 

@@ -32,7 +32,7 @@ from transformers import BatchFeature, ProcessorMixin
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ImagesKwargs
 
-from vlmtune.models.nemotron_parse import syntax
+import vlmtune.models.nemotron_parse.syntax as syntax
 
 PROCESSOR_CONFIG = "processor_config.json"
 

@@ -25,6 +25,8 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
+from vlmtune.errors import VlmtuneError
+
 FINAL_SIZE = (2048, 1648)  # (height, width) of the model's input canvas
 X_BINS, Y_BINS = 1024, 1280
 CLASSES = ("Text", "Title", "Section-header", "List-item", "TOC", "Bibliography", "Footnote", "Page-header",
@@ -54,7 +56,7 @@ _MARK = re.compile(rf"<x_{_NUMBER}>|<y_{_NUMBER}>|<class_([^<>]+)>")
 _SPECIAL = re.compile(r"</s>|<s>|<pad>|<unk>|" + "|".join(re.escape(t) for t in TASK_TOKENS))
 
 
-class NemotronParseSyntaxError(ValueError):
+class NemotronParseSyntaxError(VlmtuneError, ValueError):
     pass
 
 
