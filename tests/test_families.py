@@ -15,7 +15,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from conftest import cached_load_processor
 from vlmtune.batching import collate
 from vlmtune.checkpoint import save_hf
-from vlmtune.cli import main, trained_runs
+from vlmtune.cli import main
 from vlmtune.config import FreezeConfig, ModelConfig, PeftConfig
 from vlmtune.encode import SampleEncoder
 from vlmtune.families import family_for, part_of
@@ -25,6 +25,7 @@ from vlmtune.loss import loss_sum
 from vlmtune.model import apply_freeze, apply_load_fixes, load_model, unused_parameters
 from vlmtune.peft import lora_targets
 from vlmtune.train import to_device
+from vlmtune.views import trained_runs
 
 SPECS = all_specs()
 NAMES = sorted(SPECS)

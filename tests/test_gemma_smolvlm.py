@@ -11,10 +11,10 @@ from transformers import AutoModelForImageTextToText
 
 from conftest import cached_load_processor
 from vlmtune.batching import collate
-from vlmtune.cli import trained_runs
 from vlmtune.config import ModelConfig
 from vlmtune.encode import SampleEncoder
 from vlmtune.families import family_for
+from vlmtune.views import trained_runs
 
 
 @pytest.fixture(scope="module")

@@ -29,12 +29,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tiny.kimi_vl import KIMI_VL
 
-from vlmtune.cli import trained_runs
 from vlmtune.config import FreezeConfig, ModelConfig, PeftConfig
 from vlmtune.encode import SampleEncoder
 from vlmtune.families import family_for
 from vlmtune.model import load_model
 from vlmtune.models import register_native_models
+from vlmtune.views import trained_runs
 
 CPU = torch.device("cpu")
 FAMILY = family_for("kimi_vl")

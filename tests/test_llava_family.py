@@ -6,9 +6,9 @@ import json
 
 from tiny.llava import llava, llava_onevision
 
-from vlmtune.cli import trained_runs
 from vlmtune.encode import SampleEncoder, find_subsequence
 from vlmtune.families import family_for
+from vlmtune.views import trained_runs
 
 CONVERSATION = [
     {"role": "user", "content": [{"type": "text", "text": "What do you see?"}]},

@@ -58,9 +58,11 @@ by one process or gathered layer by layer from FSDP2 shards, and what ``vlmtune 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -76,11 +78,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from vlmtune.config import Recipe, recipe_to_yaml
-from vlmtune.errors import CheckpointError
-from vlmtune.parallel import world
+from vlmtune.config import Recipe, recipe_to_yaml, safe_yaml
+from vlmtune.errors import CheckpointError, OutputError
+from vlmtune.output import ensure_space, is_no_space, no_space
+from vlmtune.parallel import sum_over_ranks, world
 
 FORMAT_VERSION = 1
 COMPLETE = "COMPLETE"
@@ -241,28 +246,63 @@ def save_hf(model: torch.nn.Module, processor, out: Path, shard_bytes: int = SHA
     layout (as save_pretrained does) and writes safetensors files of about `shard_bytes`, holding at most one
     file's worth of tensors at once; unsharded, rank 0 alone saves."""
     sharded, writer = sharded_weights(model), world()[0] == 0
+    _space_on_every_rank(out.parent, hf_bytes(model), writer)
     tmp = out.with_name(out.name + ".tmp")
     if writer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    if not sharded:
+    try:
+        if not sharded:
+            if writer:
+                model.save_pretrained(tmp, safe_serialization=True)
+        elif hasattr(model, "peft_config"):
+            adapter = {name: _full(p) for name, p in model.named_parameters() if p.requires_grad}
+            if writer:
+                model.save_pretrained(tmp, state_dict=adapter, safe_serialization=True)
+        else:
+            _write_full_model(model, tmp, writer, shard_bytes)
         if writer:
-            model.save_pretrained(tmp, safe_serialization=True)
-    elif hasattr(model, "peft_config"):
-        adapter = {name: _full(p) for name, p in model.named_parameters() if p.requires_grad}
-        if writer:
-            model.save_pretrained(tmp, state_dict=adapter, safe_serialization=True)
-    else:
-        _write_full_model(model, tmp, writer, shard_bytes)
-    if writer:
-        processor.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+            processor.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+    except OSError as e:  # nothing half-written is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_no_space(e):
+            raise no_space(out.parent, hf_bytes(model)) from e
+        raise
     if sharded:
         dist.barrier()
     return out
+
+
+def hf_bytes(model: torch.nn.Module) -> int:
+    """About what :func:`save_hf` writes: the adapter of a PeftModel, else every weight."""
+    tensors = ([p for p in model.parameters() if p.requires_grad] if hasattr(model, "peft_config")
+               else list(model.state_dict().values()))
+    return sum(t.numel() * t.element_size() for t in tensors) + 2**20
+
+
+def _space_on_every_rank(folder: Path, needed: int, writer: bool) -> None:
+    """The writer checks the disk; every rank learns the answer, so that none starts a collective the writer
+    will not join."""
+    problem = None
+    if writer:
+        try:
+            ensure_space(folder, needed)
+        except OutputError as e:
+            problem = e
+    if sum_over_ranks(float(problem is not None)) > 0:
+        raise problem or OutputError(f"no space left on {folder} (rank 0 checked it)")
+
+
+def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
+    """Trainable parameters holding NaN or inf, in this rank's shards."""
+    from torch.distributed.tensor import DTensor
+
+    return [name for name, p in model.named_parameters() if p.requires_grad
+            and not bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all())]
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -357,7 +397,7 @@ _BOOKKEEPING = ("resume", "output_dir", "checkpoint.", "train.log_every_steps", 
 
 def recipe_changes(saved_yaml: str, recipe: Recipe) -> list[str]:
     """``key: old -> new`` for every recipe value that differs from the checkpoint's (bookkeeping keys aside)."""
-    old = _flat(yaml.safe_load(saved_yaml) or {})
+    old = _flat(safe_yaml(saved_yaml, "the checkpoint's recipe.yaml") or {})
     new = _flat(recipe.model_dump(mode="json"))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
             if not k.startswith(_BOOKKEEPING) and old.get(k) != new.get(k)]
@@ -430,16 +470,34 @@ class Checkpoints:
         if not self.writer:
             return final
         self.directory.mkdir(parents=True, exist_ok=True)
+        ensure_space(self.directory, checkpoint_bytes(state), self._intact())
         tmp = self.directory / f"{final.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        n = _write_trainable(tmp / TRAINABLE, state.model)
-        _write_torch(tmp / OPTIMIZER, {"optimizer": state.optimizer.state_dict(),
-                                       "scheduler": state.scheduler.state_dict()})
-        _write_torch(tmp / RNG, rng_state())
-        _write_text(tmp / STATE, json.dumps({**_state_record(state), "trainable_tensors": n}, indent=2) + "\n")
-        self._publish(tmp, final, recipe)
+        with self._cleaned_on_failure(tmp, checkpoint_bytes(state)):
+            n = _write_trainable(tmp / TRAINABLE, state.model)
+            _write_torch(tmp / OPTIMIZER, {"optimizer": state.optimizer.state_dict(),
+                                           "scheduler": state.scheduler.state_dict()})
+            _write_torch(tmp / RNG, rng_state())
+            record = {**_state_record(state), "trainable_tensors": n, "files": _sizes(tmp)}
+            _write_text(tmp / STATE, json.dumps(record, indent=2) + "\n")
+            self._publish(tmp, final, recipe)
         return final
+
+    def _intact(self) -> str:
+        done = self.complete()
+        return f" from {done[-1]}, which is intact" if done else ""
+
+    @contextlib.contextmanager
+    def _cleaned_on_failure(self, tmp: Path, needed: int) -> Iterator[None]:
+        """A save that fails leaves nothing behind (a full disk stays as full as it was); no space -> one line."""
+        try:
+            yield
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if is_no_space(e):
+                raise no_space(self.directory, needed, keep=self._intact()) from e
+            raise
 
     def _publish(self, tmp: Path, final: Path, recipe: Recipe) -> None:
         """recipe.yaml and COMPLETE last, then the folder renamed into place (an older one of the same step moved
@@ -485,11 +543,13 @@ class Checkpoints:
             if changes:
                 print("vlmtune: note: the recipe differs from the one that wrote the checkpoint; continuing with "
                       "the new values:\n    " + "\n    ".join(changes), flush=True)
+        _check_files(path, saved, self.complete())
+        _check_data(path, saved, state.sampler)
         if saved.get("sharded"):  # written by several ranks; loads on any number of ranks
             rng = _load_sharded(path, saved, state)
         else:
             load_trainable(path / TRAINABLE, state.model)
-            opt = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
+            opt = _load_plain(path / OPTIMIZER)
             try:
                 state.optimizer.load_state_dict(opt["optimizer"])
             except ValueError as e:
@@ -497,9 +557,10 @@ class Checkpoints:
                                       "checkpoint written with another freeze/peft setting?") from e
             state.scheduler.load_state_dict(opt["scheduler"])
             state.sampler.epoch, state.sampler.offset = saved["data"]["epoch"], saved["data"]["offset"]
-            rng = torch.load(path / RNG, map_location="cpu", weights_only=True)
+            rng = _load_plain(path / RNG)
         m, metrics = saved["metrics"], state.metrics
         metrics.seen, metrics.skipped, metrics.examples = m["seen"], Counter(m["skipped"]), dict(m["examples"])
+        metrics.shortened = Counter(m.get("shortened", {}))
         state.run = RunState(**{k: saved[k] for k in RunState.__dataclass_fields__})
         set_rng_state(rng)
         if self.writer:
@@ -513,11 +574,66 @@ class Checkpoints:
 
 
 def _state_record(state: TrainState) -> dict:
-    """trainer_state.json's common part: format, counters, data position, skip counters."""
+    """trainer_state.json's common part: format, counters, data position (and the size of the data it is a position
+    in), skip counters."""
     m = state.metrics
     return {"format": FORMAT_VERSION, **asdict(state.run),
-            "data": {"epoch": state.sampler.epoch, "offset": state.sampler.offset},
-            "metrics": {"seen": m.seen, "skipped": dict(m.skipped), "examples": dict(m.examples)}}
+            "data": {"epoch": state.sampler.epoch, "offset": state.sampler.offset, "size": state.sampler.size},
+            "metrics": {"seen": m.seen, "skipped": dict(m.skipped), "examples": dict(m.examples),
+                        "shortened": dict(m.shortened)}}
+
+
+def checkpoint_bytes(state: TrainState) -> int:
+    """About what a checkpoint of `state` takes on disk: the trainable weights and the optimizer's state tensors."""
+    weights = sum(p.numel() * p.element_size() for p in state.model.parameters() if p.requires_grad)
+    moments = sum(t.numel() * t.element_size() for s in state.optimizer.state.values() for t in s.values()
+                  if isinstance(t, torch.Tensor))
+    return weights + moments + 2**20
+
+
+def _sizes(folder: Path) -> dict[str, int]:
+    """Every file of a checkpoint folder being written, by relative path, with its size (checked on resume)."""
+    return {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def _check_files(path: Path, saved: dict, complete: list[Path]) -> None:
+    """Every file the save recorded is there at its size: a truncated or missing file is named, with the older
+    checkpoint to resume from instead."""
+    bad = []
+    for name, size in saved.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            bad.append(f"{name} is missing")
+        elif f.stat().st_size != size:
+            bad.append(f"{name} has {f.stat().st_size} bytes, {size} were written")
+    if bad:
+        older = [p for p in complete if p != path and (_step_of(p) or 0) < (_step_of(path) or 0)]
+        hint = (f"resume from the older checkpoint {older[-1]} (resume={older[-1]})" if older
+                else "no older checkpoint is left: start a new run")
+        raise CheckpointError(f"{path} is damaged: {', '.join(bad)}; {hint}, or delete {path}")
+
+
+def _check_data(path: Path, saved: dict, sampler) -> None:
+    """The saved data position belongs to this run's training data (same number of rows)."""
+    size = saved["data"].get("size")
+    if size is not None and size != sampler.size:
+        raise CheckpointError(
+            f"{path} was written at epoch {saved['data']['epoch']}, sample {saved['data']['offset']} of a training "
+            f"set of {size} rows, but this run's data.train has {sampler.size} rows (did data.train.source or "
+            "data.train.limit change?); resume with the same data, or start a new run in another output_dir")
+
+
+def _load_plain(path: Path):
+    """torch.load of tensors and plain values only: vlmtune never runs code from a checkpoint."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} holds objects other than tensors and plain values, which vlmtune does not "
+                              "load (it would run code from the file); vlmtune did not write it this way: resume "
+                              "from a checkpoint vlmtune wrote") from e
+    except (OSError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                              "resume from another checkpoint") from e
 
 
 def read_state(path: Path) -> dict:
@@ -529,9 +645,13 @@ def read_state(path: Path) -> dict:
 
 def load_trainable(path: Path, model: torch.nn.Module) -> None:
     """Copy the saved trainable tensors into the model's parameters of the same names, checking the match."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path), device="cpu")
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} cannot be read ({e}); resume from another checkpoint") from e
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(params.keys() - tensors.keys()), sorted(tensors.keys() - params.keys())
     wrong = sorted(n for n in params.keys() & tensors.keys() if params[n].shape != tensors[n].shape)
@@ -592,7 +712,8 @@ def _save_sharded(ckpts: Checkpoints, recipe: Recipe, state: TrainState) -> Path
         _write_torch(tmp / "scheduler.pt", state.scheduler.state_dict())
         record = _state_record(state)
         record["data"]["positions"] = positions
-        _write_text(tmp / STATE, json.dumps({**record, "sharded": True, "world_size": world_size}, indent=2) + "\n")
+        record.update(sharded=True, world_size=world_size, files=_sizes(tmp))
+        _write_text(tmp / STATE, json.dumps(record, indent=2) + "\n")
         ckpts._publish(tmp, final, recipe)
     dist.barrier()
     return final
@@ -604,14 +725,23 @@ def _load_sharded(path: Path, saved: dict, state: TrainState) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    if not (path / "dcp" / ".metadata").is_file():
+        raise CheckpointError(f"{path} says it is sharded, but has no dcp/.metadata; resume from a checkpoint "
+                              "vlmtune wrote")
     model_sd, optim_sd = get_state_dict(state.model, state.optimizer, options=_dcp_options())
     loaded = {"model": model_sd, "optim": optim_sd}
     with warnings.catch_warnings():  # one process: DCP says it assumes so, which is what we want
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
-        dcp.load(loaded, checkpoint_id=str(path / "dcp"))
+        try:
+            _SafeReader(str(path / "dcp")).read_metadata()  # here, not inside DCP, which would wrap the error
+            dcp.load(loaded, storage_reader=_SafeReader(str(path / "dcp")), planner=_SafePlanner())
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{path / 'dcp'} holds objects other than DCP's metadata, tensors and plain values, "
+                                  "which vlmtune does not load (it would run code from the file); vlmtune did not "
+                                  "write it this way: resume from a checkpoint vlmtune wrote") from e
     set_state_dict(state.model, state.optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"],
                    options=_dcp_options(strict=False))
-    state.scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+    state.scheduler.load_state_dict(_load_plain(path / "scheduler.pt"))
     rank, world_size = world()
     # Every rank consumed the same number of samples of the epoch, so the global position is old world x offset.
     positions = saved["data"]["positions"]
@@ -624,7 +754,49 @@ def _load_sharded(path: Path, saved: dict, state: TrainState) -> dict:
                               f"that does not split evenly over {world_size} rank(s)")
     state.sampler.epoch, state.sampler.offset = epoch, consumed // world_size
     rng = path / f"rng-{rank}.pt"
-    return torch.load(rng if rng.is_file() else path / "rng-0.pt", map_location="cpu", weights_only=True)
+    return _load_plain(rng if rng.is_file() else path / "rng-0.pt")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's ``.metadata`` is a pickle; this unpickler builds DCP's own metadata classes, tensor sizes, dtypes and
+    paths, and refuses every other global (a crafted file could otherwise run any code)."""
+
+    MODULES = ("torch.distributed.checkpoint.metadata",)
+    NAMES = frozenset({("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+                       ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+                       ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")})
+
+    def find_class(self, module: str, name: str):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype | torch.layout)
+        if module in self.MODULES or (module, name) in self.NAMES or dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not one of DCP's metadata types")
+
+
+class _SafeReader(FileSystemReader):
+    """DCP's file reader, with the metadata read by :class:`_MetadataUnpickler`."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        path = Path(self.path) / ".metadata"
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"{path} is not DCP metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    """DCP's load planner, except that non-tensor items (optimizer hyperparameters) are read weights_only (DCP's
+    own reads them with full pickle) and handed on re-serialised."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        safe = io.BytesIO()
+        torch.save(torch.load(value, weights_only=True), safe)
+        safe.seek(0)
+        super().load_bytes(read_item, safe)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import sys
 from pathlib import Path
@@ -35,39 +34,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def trained_runs(ids: list[int], labels: list[int]) -> list[tuple[list[int], bool]]:
-    """Consecutive runs of (token ids, trained?)."""
-    runs: list[tuple[list[int], bool]] = []
-    for tok, lab in zip(ids, labels, strict=True):
-        trained = lab != -100
-        if runs and runs[-1][1] == trained:
-            runs[-1][0].append(tok)
-        else:
-            runs.append(([tok], trained))
-    return runs
-
-
-def render_runs(runs, decode, fmt: str) -> str:
-    parts = []
-    for toks, trained in runs:
-        text = decode(toks)
-        if fmt == "html":
-            text = html.escape(text)
-            parts.append(f'<mark title="trained">{text}</mark>' if trained else text)
-        else:
-            parts.append(f"\x1b[1;32m{text}\x1b[0m" if trained else text)
-    body = "".join(parts)
-    if fmt == "html":
-        return ("<!doctype html><meta charset='utf-8'><title>vlmtune inspect</title><style>body{font-family:"
-                "monospace;white-space:pre-wrap}mark{background:#b6f2b6}</style><p>Highlighted: trained tokens"
-                f" (labels != -100).</p><div>{body}</div>\n")
-    return body
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
     from vlmtune.encode import EncodedDataset, SampleEncoder, Skipped
     from vlmtune.families import family_for
     from vlmtune.model import load_config, load_processor
+    from vlmtune.views import render_html, render_text, sample_view
 
     recipe = recipe_from_args(args)
     processor = load_processor(recipe.model)
@@ -76,21 +47,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if spec is None:
         raise RecipeError("inspect --split validation: the recipe has no data.validation")
     encoder = SampleEncoder(processor, family, recipe.train.max_length, recipe.train.overlong)
-    ds = EncodedDataset.of(spec, encoder, f"data.{args.split}")
+    ds = EncodedDataset.of(spec, encoder, f"data.{args.split}", max_image_pixels=recipe.data.max_image_pixels)
     if not 0 <= args.index < len(ds):
         raise RecipeError(f"--index {args.index} is out of range: data.{args.split} has {len(ds)} rows")
     item = ds[args.index]
     if isinstance(item, Skipped):
         print(f"sample {args.index} would be skipped ({item.reason}): {item.message}", file=sys.stderr)
         return 1
-    ids, labels = item.tensors["input_ids"].tolist(), item.tensors["labels"].tolist()
-    decode = processor.tokenizer.decode
-    runs = trained_runs(ids, labels)
+    view = sample_view(item, ds.conversations.conversation(args.index), processor.tokenizer.decode,
+                       thumbnail=256 if args.format == "html" else 0)
     if args.format == "json":
-        out = json.dumps({"input_ids": ids, "labels": labels, "text": decode(ids),
-                          "trained_spans": [decode(t) for t, trained in runs if trained]}, ensure_ascii=False)
+        out = json.dumps({k: view[k] for k in ("input_ids", "labels", "text", "trained_spans", "images")},
+                         ensure_ascii=False)
     else:
-        out = render_runs(runs, decode, args.format)
+        out = render_html(view) if args.format == "html" else render_text(view)
     if args.out:
         Path(args.out).write_text(out + ("\n" if not out.endswith("\n") else ""))
     else:
@@ -101,7 +71,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from vlmtune.export import describe, export
 
-    out = export(args.checkpoint, args.out, merge=args.merge, dtype=args.dtype, base=args.base)
+    out = export(args.checkpoint, args.out, merge=args.merge, dtype=args.dtype, base=args.base,
+                 trust_remote_code=args.trust_remote_code)
     print(f"vlmtune export: {describe(out)}")
     return 0
 
@@ -170,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                     help="dtype of the saved weights (auto: as the input, or the base's for a merge)")
     sp.add_argument("--base", help="base model of an adapter (default: adapter_config.json's)")
+    sp.add_argument("--trust-remote-code", action="store_true",
+                    help="run the model's own Python code (only this flag turns it on, never a file in the checkpoint)")
     sp.set_defaults(func=cmd_export)
 
     sp = with_recipe("generate", "answer one image + prompt, or write predictions for a data split (JSONL)")

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vlmtune.data.formats import FORMAT_NAMES
+from vlmtune.data.media import DEFAULT_MAX_PIXELS
 from vlmtune.errors import RecipeError
 from vlmtune.families import PARTS
 
@@ -32,6 +33,15 @@ class ModelConfig(_Strict):
     revision: str | None = None
     # Image processor overrides, e.g. {max_pixels: 200704} for Qwen; passed to AutoProcessor.from_pretrained.
     processor_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("processor_kwargs")
+    @classmethod
+    def _loading_options_elsewhere(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in ("trust_remote_code", "revision"):
+            if key in value:
+                raise ValueError(f"{key} is not a processor option: set model.{key} (it applies to the config, "
+                                 "model and processor alike) and remove it from processor_kwargs")
+        return value
 
 
 class DataSource(_Strict):
@@ -55,6 +65,8 @@ class DataConfig(_Strict):
     validation: DataSource | None = None
     num_workers: int = Field(default=0, ge=0)
     max_bad_fraction: float = Field(default=0.5, ge=0.0, le=1.0)  # stop when more than this is skipped
+    # Larger images are skipped and counted (decoding takes 3 bytes a pixel, and more on the way to the processor).
+    max_image_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
 
 
 class TrainConfig(_Strict):
@@ -185,12 +197,26 @@ class Recipe(_Strict):
     resume: str | None = None
 
 
+def safe_yaml(text: str, where: str) -> Any:
+    """Plain YAML only (``yaml.safe_load``: no ``!!python/...`` objects); a syntax error names the line and column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = str(getattr(e, "problem", None) or e).strip()
+        if "python/" in what or "constructor" in what:
+            what = (f"{what}: recipes are plain YAML (numbers, strings, lists, mappings); vlmtune never builds "
+                    "Python objects from them")
+        raise RecipeError(f"{where}{at}: {what}") from None
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a","b","c"], value parsed as YAML, so 3 -> int, true -> bool, null -> None)."""
     if "=" not in item:
         raise RecipeError(f"override {item!r} is not of the form key.path=value (e.g. train.max_steps=100)")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    value = safe_yaml(raw, f"override {item!r}") if raw.strip() else ""
     return key.strip().split("."), value
 
 
@@ -210,7 +236,11 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file {str(path)!r} does not exist")
-    tree = yaml.safe_load(path.read_text()) or {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"recipe {str(path)!r} cannot be read ({e}); save it as UTF-8 text") from None
+    tree = safe_yaml(text, f"recipe {str(path)!r}") or {}
     if not isinstance(tree, dict):
         raise RecipeError(f"recipe {str(path)!r} must be a mapping at the top level")
     return tree

@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import jinja2
 import torch
 
 from vlmtune.data.dataset import ConversationDataset
-from vlmtune.errors import SampleError
+from vlmtune.errors import ModelLoadError, SampleError
 from vlmtune.families import Family
 
 IGNORE = -100
@@ -27,6 +28,7 @@ class Encoded:
     index: int
     tensors: dict[str, torch.Tensor]
     seq_keys: tuple[str, ...]  # keys aligned with input_ids (padded in batches); the rest are concatenated
+    shortened: str = ""  # how a sample over train.max_length was made to fit (train.overlong), counted in the summary
 
     @property
     def length(self) -> int:
@@ -116,6 +118,22 @@ class SampleEncoder:
         ids = {getattr(self.processor, a, None) for a in ("image_token_id", "video_token_id")}
         ids |= {getattr(tok, a, None) for a in ("image_token_id", "video_token_id")}
         self.vision_token_ids = frozenset(self.vision_token_ids | {i for i in ids if isinstance(i, int)})
+        self._check_template()
+
+    def _check_template(self) -> None:
+        """Render a plain two-turn chat once: a template that cannot render (none, a syntax error, one transformers'
+        sandbox refuses) stops here with one message, not in every sample of the run."""
+        probe = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                 {"role": "assistant", "content": [{"type": "text", "text": "Hello"}]}]
+        try:
+            self.render(probe)
+        except (jinja2.TemplateError, ValueError) as e:
+            why = ("transformers' sandbox refused it (it calls something a template may not)"
+                   if isinstance(e, jinja2.exceptions.SecurityError) else str(e).splitlines()[0])
+            raise ModelLoadError(
+                f"the model's chat template cannot render a plain user/assistant chat: {why}. vlmtune renders every "
+                "sample with it; fix chat_template.jinja (or the processor's chat_template) in the model folder")\
+                from e
 
     def render(self, conversation: list[dict]) -> str:
         if self.family.append_eos:  # the template ends assistant turns with no EOS: add it to the answer text
@@ -141,9 +159,10 @@ class SampleEncoder:
                          if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape == out["input_ids"].shape)
         tensors = {k: (v[0] if k in seq_keys else v) for k, v in out.items() if isinstance(v, torch.Tensor)}
         tensors["labels"] = torch.tensor(labels)
+        shortened = ""
         if length > self.max_length:
-            tensors = self.shorten(tensors, seq_keys, index, length)
-        enc = Encoded(index, tensors, (*seq_keys, "labels"))
+            tensors, shortened = self.shorten(tensors, seq_keys, index, length), self.overlong
+        enc = Encoded(index, tensors, (*seq_keys, "labels"), shortened)
         if enc.supervised == 0:
             raise SampleError("no_supervised_tokens", f"sample {index}: no assistant tokens to train on")
         return enc
@@ -177,6 +196,7 @@ class SampleEncoder:
         last_vision = vision_pos[-1] if vision_pos else -1
         if self.overlong == "truncate_text" and last_vision < self.max_length:
             cut = {k: (v[: self.max_length] if k in (*seq_keys, "labels") else v) for k, v in tensors.items()}
+            self._never_end_a_cut_answer(cut["labels"], tensors["labels"])
             if (cut["labels"] != IGNORE).any():
                 return cut
         raise SampleError(
@@ -187,6 +207,19 @@ class SampleEncoder:
         )
 
 
+    def _never_end_a_cut_answer(self, cut: torch.Tensor, full: torch.Tensor) -> None:
+        """An answer the cut goes through keeps its trained text, but never a piece of its end-of-turn marker:
+        a cut answer is not taught to end. (Single-token markers cannot be split; multi-token ones can.)"""
+        n = cut.shape[0]
+        if n == 0 or full[n - 1] == IGNORE or full[n] == IGNORE:  # the cut is not inside an answer
+            return
+        tail = cut.tolist()
+        for k in range(len(self.end_ids) - 1, 0, -1):
+            if tail[-k:] == self.end_ids[:k]:
+                cut[n - k:] = IGNORE
+                return
+
+
 class EncodedDataset:
     """A data source's samples, encoded: each item is an :class:`Encoded` sample, or a :class:`Skipped` record
     saying why not. DataLoader workers run it (decoding, the processor and the labels)."""
@@ -195,9 +228,10 @@ class EncodedDataset:
         self.conversations, self.encoder = conversations, encoder
 
     @classmethod
-    def of(cls, spec, encoder: SampleEncoder, where: str) -> EncodedDataset:
-        """The encoded samples of data source `spec` (a DataSource; `where`: its key path, for messages)."""
-        return cls(ConversationDataset(spec, where), encoder)
+    def of(cls, spec, encoder: SampleEncoder, where: str, **options) -> EncodedDataset:
+        """The encoded samples of data source `spec` (a DataSource; `where`: its key path, for messages;
+        `options`: ConversationDataset's)."""
+        return cls(ConversationDataset(spec, where, **options), encoder)
 
     def __len__(self) -> int:
         return len(self.conversations)

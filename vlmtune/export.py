@@ -27,9 +27,9 @@ from vlmtune.peft import adapter_base, apply_lora, attach_adapter, is_adapter_di
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def saved_dtype(name_or_path: str) -> str:
+def saved_dtype(name_or_path: str, trust_remote_code: bool = False) -> str:
     """The dtype a model folder was saved in (config.json), as a ModelConfig dtype name; float32 if unknown."""
-    config = load_config(ModelConfig(name_or_path=name_or_path))
+    config = load_config(ModelConfig(name_or_path=name_or_path, trust_remote_code=trust_remote_code))
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).removeprefix("torch.")
@@ -49,13 +49,14 @@ def _write_model(model: torch.nn.Module, processor, out: Path, dtype: str) -> Pa
     return save_hf(model, processor, out)
 
 
-def _copy_adapter(source: Path, out: Path) -> Path:
+def _copy_adapter(source: Path, out: Path, trust_remote_code: bool) -> Path:
     """The adapter folder as is (adapter + processor files); the base's processor if none was saved beside it."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp)
     if not has_processor(tmp):
-        load_processor(ModelConfig(name_or_path=adapter_base(source))).save_pretrained(tmp)
+        load_processor(ModelConfig(name_or_path=adapter_base(source),
+                                   trust_remote_code=trust_remote_code)).save_pretrained(tmp)
     if out.exists():
         out.rmdir()  # checked empty
     os.replace(tmp, out)
@@ -63,11 +64,13 @@ def _copy_adapter(source: Path, out: Path) -> Path:
 
 
 def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype: str = "auto",
-           base: str | None = None) -> Path:
+           base: str | None = None, trust_remote_code: bool = False) -> Path:
     """Export `checkpoint` (a run's final folder) to `out`; returns `out`.
 
     ``dtype``: the saved weights' dtype; ``auto`` keeps the input's (for a merge: the base's).
     ``base``: the base model of an adapter, overriding adapter_config.json's base_model_name_or_path.
+    ``trust_remote_code``: run a model's own code; only the command line (--trust-remote-code) turns it on, never
+    a file in the checkpoint (its recipe.yaml may say true: that is ignored).
     """
     source, out = Path(checkpoint), Path(out)
     if dtype not in DTYPES:
@@ -78,13 +81,14 @@ def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype: 
     cpu = torch.device("cpu")
 
     if (source / TRAINABLE).is_file():
-        return _export_checkpoint(source, out, merge, dtype)
+        return _export_checkpoint(source, out, merge, dtype, trust_remote_code)
     if is_adapter_dir(source):
         if not merge:
-            return _copy_adapter(source, out)
+            return _copy_adapter(source, out, trust_remote_code)
         base_path = base or adapter_base(source)
-        target = saved_dtype(base_path) if dtype == "auto" else dtype
-        model, processor, _ = load_model(ModelConfig(name_or_path=base_path, dtype="float32"), cpu,
+        target = saved_dtype(base_path, trust_remote_code) if dtype == "auto" else dtype
+        model_cfg = ModelConfig(name_or_path=base_path, dtype="float32", trust_remote_code=trust_remote_code)
+        model, processor, _ = load_model(model_cfg, cpu,
                                          processor_path=str(source) if has_processor(source) else None)
         model = attach_adapter(model, source).merge_and_unload()
         model.eval()
@@ -97,13 +101,14 @@ def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype: 
                           f"(adapter_config.json) nor a vlmtune checkpoint ({TRAINABLE}){hint}")
     if merge:
         raise ExportError(f"--merge: {checkpoint} is a full model, not an adapter; there is nothing to merge")
-    target = saved_dtype(str(source)) if dtype == "auto" else dtype
-    model, processor, _ = load_model(ModelConfig(name_or_path=str(source), dtype=target), cpu)
+    target = saved_dtype(str(source), trust_remote_code) if dtype == "auto" else dtype
+    model_cfg = ModelConfig(name_or_path=str(source), dtype=target, trust_remote_code=trust_remote_code)
+    model, processor, _ = load_model(model_cfg, cpu)
     model.eval()
     return _write_model(model, processor, out, target)
 
 
-def _export_checkpoint(source: Path, out: Path, merge: bool, dtype: str) -> Path:
+def _export_checkpoint(source: Path, out: Path, merge: bool, dtype: str, trust_remote_code: bool) -> Path:
     """A training checkpoint (vlmtune/checkpoint.py: trainable tensors + the recipe): rebuild the model as the
     run built it (base weights from its model.name_or_path, freezing or adapters), load the trained tensors,
     and write it like the run's final/ folder would be (an adapter for a LoRA run, unless merged)."""
@@ -116,7 +121,9 @@ def _export_checkpoint(source: Path, out: Path, merge: bool, dtype: str) -> Path
     if merge and recipe.peft is None:
         raise ExportError(f"--merge: {source} is a checkpoint of a full fine-tune, not of an adapter; "
                           "there is nothing to merge")
-    model_cfg = recipe.model.model_copy(update={"dtype": "float32"} if recipe.peft is not None else {})
+    # The checkpoint's own recipe never decides to run code: only this command's --trust-remote-code does.
+    update = {"trust_remote_code": trust_remote_code, **({"dtype": "float32"} if recipe.peft is not None else {})}
+    model_cfg = recipe.model.model_copy(update=update)
     model, processor, family = load_model(model_cfg, torch.device("cpu"))  # never quantized: export full precision
     if recipe.peft is not None:
         model, _ = apply_lora(model, family, recipe.peft, recipe.freeze, recipe.model.name_or_path,
@@ -127,7 +134,7 @@ def _export_checkpoint(source: Path, out: Path, merge: bool, dtype: str) -> Path
     model.eval()
     if merge:
         model = model.merge_and_unload()
-        target = saved_dtype(recipe.model.name_or_path) if dtype == "auto" else dtype
+        target = saved_dtype(recipe.model.name_or_path, trust_remote_code) if dtype == "auto" else dtype
     else:
         target = str(next(model.parameters()).dtype).removeprefix("torch.") if dtype == "auto" else dtype
     return _write_model(model, processor, out, target)

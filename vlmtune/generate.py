@@ -161,7 +161,7 @@ def generate_split(recipe: Recipe, split: str, out: str | Path, model_path: str 
     model_path = model_path or default_model(recipe)
     print(f"vlmtune generate: model {model_path}" + (f" + adapter {adapter}" if adapter else ""), file=sys.stderr)
     model, processor, family = load_for_inference(model_path, adapter, pick_device(recipe.train.device), recipe.model)
-    ds = ConversationDataset(spec, f"data.{split}")
+    ds = ConversationDataset(spec, f"data.{split}", recipe.data.max_image_pixels)
     gen = Generator(model, processor, family, max_new_tokens, temperature)
     n = len(ds) if limit is None else min(limit, len(ds))
     out = Path(out)

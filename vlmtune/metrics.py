@@ -10,6 +10,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from vlmtune.encode import Encoded, Skipped
+
 
 class Metrics:
     """One JSON object per line in ``output_dir/metrics.jsonl``; only the writing rank writes."""
@@ -21,6 +23,7 @@ class Metrics:
                         dynamic_ncols=True, desc="train")
         self.skipped: Counter[str] = Counter()
         self.examples: dict[str, str] = {}  # one message per skip reason, for the summary
+        self.shortened: Counter[str] = Counter()  # samples over train.max_length made to fit, by train.overlong
         self.seen = 0
 
     def write(self, record: dict) -> None:
@@ -47,17 +50,24 @@ class Metrics:
         if self.enabled:
             tqdm.write(f"step {step:>5} | val_loss {val_loss:.4f} ({tokens} tokens)")
 
-    def count(self, n_seen: int, skipped: list) -> None:
-        self.seen += n_seen
-        for s in skipped:
-            self.skipped[s.reason] += 1
-            self.examples.setdefault(s.reason, s.message)
+    def count(self, items: list[Encoded | Skipped]) -> None:
+        """Count a step's loaded items: Skipped ones by reason (with an example each), shortened ones by how."""
+        self.seen += len(items)
+        for it in items:
+            if isinstance(it, Skipped):
+                self.skipped[it.reason] += 1
+                self.examples.setdefault(it.reason, it.message)
+            elif isinstance(it, Encoded) and it.shortened:
+                self.shortened[it.shortened] += 1
 
     def skip_report(self) -> str:
+        short = "".join(f"; {n} sample(s) over train.max_length shortened by train.overlong={how} (never through "
+                        "image tokens; a cut answer is not taught to end)" for how, n in self.shortened.items())
         if not self.skipped:
-            return "no samples skipped"
+            return "no samples skipped" + short
         lines = [f"{n} x {reason} (e.g. {self.examples[reason]})" for reason, n in self.skipped.most_common()]
-        return f"skipped {sum(self.skipped.values())} of {self.seen} samples:\n    " + "\n    ".join(lines)
+        return (f"skipped {sum(self.skipped.values())} of {self.seen} samples:\n    " + "\n    ".join(lines)
+                + short)
 
     def close(self) -> None:
         self.bar.close()

@@ -38,7 +38,11 @@ def autocast_dtype(device: torch.device, weights: torch.dtype) -> torch.dtype | 
 
 def _load_error(cfg: ModelConfig, what: str, err: Exception) -> ModelLoadError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if Path(cfg.name_or_path).exists():
+    if "custom code" in str(err) or "trust_remote_code" in str(err):
+        hint = ("this model ships its own Python code (auto_map in its config); vlmtune runs such code only when "
+                "the recipe says model.trust_remote_code: true. Set it only if you trust that code; Kimi-VL and "
+                "Nemotron-Parse need no remote code in vlmtune")
+    elif Path(cfg.name_or_path).exists():
         hint = f"the folder {cfg.name_or_path!r} exists but its {what} could not be read; is it complete?"
     else:
         hint = (f"{cfg.name_or_path!r} is not a local folder, so it was looked up on the Hugging Face Hub and that "

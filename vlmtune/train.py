@@ -34,6 +34,7 @@ from vlmtune.checkpoint import (
     StopSignals,
     TrainState,
     ignore_stop_signals,
+    nonfinite_parameters,
     preserve_rng,
     read_state,
     save_hf,
@@ -42,12 +43,13 @@ from vlmtune.checkpoint import (
 from vlmtune.config import Recipe, accumulation_steps, recipe_to_yaml
 from vlmtune.data.dataset import EpochSampler
 from vlmtune.encode import Encoded, EncodedDataset, SampleEncoder, Skipped
-from vlmtune.errors import DataError, TrainingError
+from vlmtune.errors import DataError, OutputError, TrainingError
 from vlmtune.families import Family
 from vlmtune.kernels import require_liger, use_liger_norms
 from vlmtune.loss import loss_sum, supervised_count
 from vlmtune.metrics import Metrics
 from vlmtune.model import apply_freeze, autocast_dtype, load_model, pick_device
+from vlmtune.output import hold
 from vlmtune.parallel import (
     clip_grad_norm,
     grad_scale,
@@ -188,7 +190,7 @@ def finetune(recipe: Recipe) -> Path:
     """Train; returns the final model folder, or the checkpoint folder when SIGTERM / SIGINT stopped the run."""
     # Under torchrun (WORLD_SIZE > 1) the process group lives as long as the run; see vlmtune/parallel.py.
     with process_group(recipe.distributed.timeout_s, recipe.train.device, recipe.distributed.strategy), \
-            StopSignals() as stop:
+            hold(recipe.output_dir), StopSignals() as stop:
         s = setup(recipe)
         saved = train_loop(s, stop)
         return finish(s, stop.received, saved)
@@ -199,7 +201,6 @@ def setup(recipe: Recipe) -> Session:
     rank, world_size = world()
     accum = accumulation_steps(tcfg, world_size)
     out_dir = Path(recipe.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     ckpts = Checkpoints(out_dir / "checkpoints", recipe.checkpoint.keep, writer=rank == 0)
     resume_from = ckpts.find(recipe.resume)  # None: a fresh run
     seed_everything(tcfg.seed)
@@ -270,7 +271,8 @@ def build_data(recipe: Recipe, processor, family: Family, model: torch.nn.Module
     """Rows -> conversations -> encoded samples in loader workers, grouped into this rank's micro-batches."""
     tcfg = recipe.train
     encoder = SampleEncoder(processor, family, tcfg.max_length, tcfg.overlong)
-    train_ds = EncodedDataset.of(recipe.data.train, encoder, "data.train")
+    train_ds = EncodedDataset.of(recipe.data.train, encoder, "data.train",
+                                 max_image_pixels=recipe.data.max_image_pixels)
     pad_id = processor.tokenizer.pad_token_id
     if pad_id is None:
         pad_id = processor.tokenizer.eos_token_id
@@ -280,7 +282,8 @@ def build_data(recipe: Recipe, processor, family: Family, model: torch.nn.Module
     sampler, loaded = train_stream(train_ds, recipe, rank, world_size)
     val_loader = None
     if recipe.data.validation is not None:
-        val_ds = EncodedDataset.of(recipe.data.validation, encoder, "data.validation")
+        val_ds = EncodedDataset.of(recipe.data.validation, encoder, "data.validation",
+                                   max_image_pixels=recipe.data.max_image_pixels)
         val_sampler = EpochSampler(len(val_ds), tcfg.seed, rank, world_size, shuffle=False)
         val_loader = DataLoader(val_ds, sampler=val_sampler, generator=loader_generator(tcfg.seed, -1),
                                 **loader_kwargs(recipe))
@@ -348,7 +351,7 @@ def next_samples(s: Session) -> list[Encoded]:
     token count); skipped ones are counted, and too many stop the run."""
     items = [it for _ in range(s.accum) for it in next(s.data.loaded)]
     metrics = s.state.metrics
-    metrics.count(len(items), [it for it in items if isinstance(it, Skipped)])
+    metrics.count(items)
     check_bad_fraction(metrics, s.recipe.data.max_bad_fraction, s.data.train_size)
     return [it for it in items if isinstance(it, Encoded)]
 
@@ -454,17 +457,15 @@ def finish(s: Session, stopped_by: str | None, saved: Path | None) -> Path:
     run, metrics = s.state.run, s.state.metrics
     metrics.close()
     final = s.out_dir / "final"
-    if saved is None and (s.sharded or s.rank == 0):  # FSDP2: every rank takes part in gathering the weights
-        save_hf(s.state.model, s.processor, final)
+    try:
+        if saved is None:
+            save_final(s, final)
+    except (TrainingError, OutputError) as e:
+        write_summary(s, stopped_by, saved, None, error=str(e))
+        raise
+    write_summary(s, stopped_by, saved, None if saved else final)
     if s.rank != 0:
         return saved or final
-    summary = {"steps": run.step, "final_loss": run.last_loss, "final_val_loss": run.last_val,
-               "samples_seen": metrics.seen, "skipped": dict(metrics.skipped),
-               "nonfinite_steps": run.nonfinite_steps, "final_model": None if saved else str(final)}
-    if saved is not None:
-        summary = {"steps": run.step, "total_steps": s.total_steps, "stopped_by": stopped_by,
-                   "checkpoint": str(saved), **{k: v for k, v in summary.items() if k != "steps"}}
-    (s.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if saved is not None:
         print(f"vlmtune: stopped by {stopped_by} after step {run.step} of {s.total_steps}; checkpoint saved: "
               f"{saved}\n  to continue, run the same command again with resume=auto (or resume={saved})",
@@ -474,3 +475,44 @@ def finish(s: Session, stopped_by: str | None, saved: Path | None) -> Path:
           + (f", val_loss {run.last_val:.4f}" if run.last_val is not None else "")
           + f"; {metrics.skip_report()}\n  model: {final}\n  metrics: {s.out_dir / 'metrics.jsonl'}", flush=True)
     return final
+
+
+def save_final(s: Session, final: Path) -> None:
+    """The final Hugging Face folder: never one of NaN weights, and never at the cost of the run's last state (a
+    final save that finds no space leaves a checkpoint of the last step to export later, where there is room)."""
+    bad = nonfinite_parameters(s.state.model)
+    if sum_over_ranks(len(bad)) > 0:
+        done = s.ckpts.complete()
+        raise TrainingError(
+            f"the trained weights hold NaN or inf values ({', '.join(bad[:3]) or 'on another rank'}), so final/ was "
+            f"not written; the last step's loss was {s.state.run.last_loss}. Lower train.lr or use bfloat16/float32"
+            + (f"; the newest checkpoint is {done[-1]}" if done else ""))
+    if not (s.sharded or s.rank == 0):
+        return
+    try:
+        save_hf(s.state.model, s.processor, final)
+    except OutputError as e:
+        if s.world_size > 1 and not s.sharded:  # DDP: rank 0 alone saves; a checkpoint would need every rank
+            raise
+        done = [p for p in s.ckpts.complete() if p.name == f"step-{s.state.run.step:06d}"]
+        ckpt = done[0] if done else s.ckpts.save(s.recipe, s.state)  # may find no room either: then that error
+        raise OutputError(f"{e}\n  final/ was not written; the run's last state is the checkpoint {ckpt}: free "
+                          f"space, then `vlmtune export --checkpoint {ckpt} --out {final}`") from e
+
+
+def write_summary(s: Session, stopped_by: str | None, saved: Path | None, final: Path | None,
+                  error: str | None = None) -> None:
+    """summary.json (rank 0): strict JSON, a NaN/inf value written as null."""
+    if s.rank != 0:
+        return
+    run, metrics = s.state.run, s.state.metrics
+    summary = {"steps": run.step, "total_steps": s.total_steps, "final_loss": run.last_loss,
+               "final_val_loss": run.last_val, "samples_seen": metrics.seen, "skipped": dict(metrics.skipped),
+               "skip_examples": dict(metrics.examples), "shortened": dict(metrics.shortened),
+               "nonfinite_steps": run.nonfinite_steps, "final_model": str(final) if final else None}
+    if saved is not None:
+        summary.update(stopped_by=stopped_by, checkpoint=str(saved))
+    if error is not None:
+        summary["error"] = error
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
+    (s.out_dir / "summary.json").write_text(json.dumps(clean, indent=2, allow_nan=False) + "\n")

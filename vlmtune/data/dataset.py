@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import Sampler
 
 from vlmtune.data.formats import Conversation, resolve_format, to_conversation
+from vlmtune.data.media import DEFAULT_MAX_PIXELS
 from vlmtune.data.sources import load_rows
 
 if TYPE_CHECKING:
@@ -21,8 +22,8 @@ class ConversationDataset:
     Whether a sample is bad is decided by the sample alone, so a run (and a resumed run) skips the same samples.
     """
 
-    def __init__(self, spec: DataSource, where: str):
-        self.spec, self.where = spec, where
+    def __init__(self, spec: DataSource, where: str, max_image_pixels: int = DEFAULT_MAX_PIXELS):
+        self.spec, self.where, self.max_image_pixels = spec, where, max_image_pixels
         self.rows, self.base_dir = load_rows(spec, where)
         self.format = resolve_format(list(self.rows.column_names), spec, where)
 
@@ -30,7 +31,7 @@ class ConversationDataset:
         return len(self.rows)
 
     def conversation(self, index: int) -> Conversation:
-        return to_conversation(self.rows[index], self.format, self.spec, self.base_dir, index)
+        return to_conversation(self.rows[index], self.format, self.spec, self.base_dir, index, self.max_image_pixels)
 
 
 class EpochSampler(Sampler[int]):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vlmtune.data.media import load_image
+from vlmtune.data.media import DEFAULT_MAX_PIXELS, load_image
 from vlmtune.errors import DataError, SampleError
 
 if TYPE_CHECKING:  # data/ is handed its DataSource; config imports the format names from here
@@ -96,6 +96,7 @@ class _Record:
     spec: DataSource
     base_dir: Path | None
     index: int
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
 
     def error(self, reason: str, message: str) -> SampleError:
         return SampleError(reason, f"row {self.index}: {message}")
@@ -108,7 +109,7 @@ class _Record:
 
     def image(self, value: Any):
         root = Path(self.spec.image_root) if self.spec.image_root else self.base_dir
-        return load_image(value, root, self.index)
+        return load_image(value, root, self.index, self.max_image_pixels)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -307,6 +308,16 @@ def get_format(name: str) -> Format:
     return _BY_NAME[name]
 
 
+def _check_turn_order(conv: Conversation, rec: _Record) -> None:
+    """Two turns of one role in a row are refused (skipped, counted as ``repeated_role``), not merged: whether two
+    user turns are one question or an edit is the data's to say, and two answers in a row would train the second
+    without the question it answers. Chat templates render them as given, so nothing would flag it later."""
+    for i in range(1, len(conv)):
+        if conv[i]["role"] == conv[i - 1]["role"]:
+            raise rec.error("repeated_role", f"turns {i} and {i + 1} are both {conv[i]['role']!r} turns; "
+                                             "merge them into one turn or fix the record")
+
+
 def _finish(conv: Conversation, rec: _Record) -> Conversation:
     for message in conv:
         message["content"] = [p for p in message["content"] if not (p["type"] == "text" and p["text"] == "")]
@@ -316,6 +327,7 @@ def _finish(conv: Conversation, rec: _Record) -> Conversation:
     for m in answers:
         if not "".join(p["text"] for p in m["content"] if p["type"] == "text").strip():
             raise rec.error("empty_answer", "an assistant turn has no text; fix or remove the record")
+    _check_turn_order(conv, rec)
     if rec.spec.system_prompt and conv[0]["role"] != "system":
         conv.insert(0, {"role": "system", "content": [_text(rec.spec.system_prompt)]})
     for message in conv:
@@ -325,14 +337,15 @@ def _finish(conv: Conversation, rec: _Record) -> Conversation:
     return conv
 
 
-def to_conversation(row: dict, fmt: str, spec: DataSource, base_dir: Path | None, index: int) -> Conversation:
+def to_conversation(row: dict, fmt: str, spec: DataSource, base_dir: Path | None, index: int,
+                    max_image_pixels: int = DEFAULT_MAX_PIXELS) -> Conversation:
     """One record of format ``fmt`` -> a Conversation with decoded RGB images.
 
     Raises SampleError for a bad record and DataError for an unknown format. ``spec.system_prompt`` is
     added only to records that bring no system turn of their own.
     """
     convert = get_format(fmt).convert
-    rec = _Record(spec, base_dir, index)
+    rec = _Record(spec, base_dir, index, max_image_pixels)
     if not isinstance(row, dict):
         raise rec.error("bad_record", f"record is a {type(row).__name__}, not a JSON object")
     return _finish(convert(row, rec), rec)
