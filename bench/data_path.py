@@ -128,14 +128,14 @@ def recipe_tree(model_dir: str, data_dir: Path, processor_kwargs: dict, workers:
 
 
 def load_encoder(recipe: Recipe, model_type: str | None) -> SampleEncoder:
-    """The SampleEncoder train.py builds: the recipe's processor and the family of its model type."""
-    from vlmtune.encode import SampleEncoder
+    """The encoder train.py builds: the recipe's processor and the family of its model type."""
+    from vlmtune.encode import make_encoder
     from vlmtune.families import family_for
     from vlmtune.model import load_config, load_processor
 
     model_type = model_type or load_config(recipe.model).model_type
     tcfg = recipe.train
-    return SampleEncoder(load_processor(recipe.model), family_for(model_type), tcfg.max_length, tcfg.overlong)
+    return make_encoder(load_processor(recipe.model), family_for(model_type), tcfg.max_length, tcfg.overlong)
 
 
 # ---------------------------------------------------------------------------------------------------------

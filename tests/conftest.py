@@ -214,3 +214,28 @@ def small_recipe(model_dir, data_dir, out_dir, **train) -> dict:
         "train": {"max_steps": 2, "micro_batch_size": 1, "global_batch_size": 2, "lr": 1e-3, "seed": 0,
                   "max_length": 512, **train},
     }
+
+
+@pytest.fixture(scope="session")
+def page_data(tmp_path_factory) -> Path:
+    """Document pages in the nemotron_parse format: 6 train / 2 validation rows of white pages with dark text
+    bars, their layout as blocks (boxes in pixels) in train.jsonl / validation.jsonl."""
+    import PIL.Image
+    import PIL.ImageDraw
+
+    root = tmp_path_factory.mktemp("pages")
+    classes = ("Title", "Text", "Table", "Caption")
+    for split, n in (("train", 6), ("validation", 2)):
+        rows = []
+        for i in range(n):
+            page = PIL.Image.new("RGB", (120, 160), "white")
+            draw = PIL.ImageDraw.Draw(page)
+            blocks = []
+            for j in range(1 + i % 3):
+                box = [10, 10 + 40 * j, 110 - 10 * j, 35 + 40 * j]
+                draw.rectangle(box, fill=(40, 40, 40))
+                blocks.append({"bbox": box, "class": classes[(i + j) % 4], "text": f"Block {j} of page {i}."})
+            page.save(root / f"{split}-{i}.png")
+            rows.append({"image": f"{split}-{i}.png", "blocks": blocks})
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root

@@ -189,7 +189,7 @@ def one_rank(tiny_model_dir, color_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tiny_model_dir, tiny_model, color_data, tmp_path_factory) -> Launch:
+def two_ranks(tiny_model_dir, tiny_model, color_data, page_data, tmp_path_factory) -> Launch:
     """Every 2-rank parity run (FSDP2 / DDP x full / LoRA, FSDP2 packed, HSDP; Kimi-VL FSDP2 full / LoRA) in one
     launch, then a run whose rank 1 fails."""
 
@@ -215,11 +215,20 @@ def two_ranks(tiny_model_dir, tiny_model, color_data, tmp_path_factory) -> Launc
         for setting in ("full", "lora"):
             runs[f"kimi_vl-{setting}"] = tree(tiny_model("kimi_vl"), color_data, root / f"kimi_vl-{setting}",
                                               distributed={"strategy": "fsdp2"}, **SETTINGS[setting])
+        # Nemotron-Parse (the encoder-decoder family): FSDP2 units over its decoder layers and the RADIO encoder.
+        runs["nemotron_parse-full"] = nemotron_tree(tiny_model("nemotron_parse"), page_data,
+                                                    root / "nemotron_parse-full", distributed={"strategy": "fsdp2"})
         runs["failing"] = tree(tiny_model_dir, color_data, root / "failing", max_steps=20,
                                distributed={"timeout_s": 60}, **FROZEN_LM)
         return runs
 
     return shared_launch(tmp_path_factory, "two-ranks", runs, fail=("--fail-rank", "1", "--fail-step", "2"))
+
+
+def nemotron_tree(model_dir, page_data, out_dir, **kw) -> dict:
+    t = tree(model_dir, page_data, out_dir, max_length=512, **kw)
+    t["data"] = {"train": {"source": str(page_data / "train.jsonl"), "format": "nemotron_parse"}}
+    return t
 
 
 def resume_on_one_process(run: Path, step: int, out: Path, model_dir, data_dir, **kw) -> Path:
@@ -279,6 +288,16 @@ def test_kimi_vl_fsdp2_two_ranks_match_one_rank(setting, two_ranks, tiny_model, 
     else:
         assert_same_adapter(tmp_path / "one" / "final", out / "final")
         assert any(".mlp.experts.lora_B." in k for k in load_file(out / "final" / "adapter_model.safetensors"))
+
+
+def test_nemotron_parse_fsdp2_two_ranks_match_one_rank(two_ranks, tiny_model, page_data, tmp_path):
+    """The encoder-decoder under FSDP2 on 2 ranks: the 1-rank losses step by step and the same final weights,
+    gathered layer by layer (the RADIO encoder's `layer.N` blocks too) under the official names."""
+    model_dir = tiny_model("nemotron_parse")
+    finetune(build_recipe(nemotron_tree(model_dir, page_data, tmp_path / "one")))
+    out = two_ranks.out("nemotron_parse-full")
+    assert_same_losses(tmp_path / "one", out)
+    assert_same_final_model(tmp_path / "one" / "final", out / "final", model_dir)
 
 
 def assert_same_final_model(a_dir: Path, b_dir: Path, base_dir: Path) -> None:

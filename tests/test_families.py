@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from tiny import all_specs
+from tiny import chat_specs
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from conftest import cached_load_processor
@@ -27,7 +27,7 @@ from vlmtune.peft import lora_targets
 from vlmtune.train import to_device
 from vlmtune.views import trained_runs
 
-SPECS = all_specs()
+SPECS = chat_specs()
 NAMES = sorted(SPECS)
 CPU = torch.device("cpu")
 _LOADED: dict[str, tuple] = {}  # name -> load_model(...) of the last family loaded (see `loaded`)
@@ -111,18 +111,26 @@ LORA_EVERYWHERE = ["peft.method=lora", "peft.vision=true", "peft.projector=true"
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_finetune_step_through_cli_with_mixed_batch(name, mode, tiny_model, tmp_path):
     """A full and a LoRA (language + vision + projector) step; the loop's first-step gradient check proves every
-    trainable parameter, vision adapters included, got a gradient."""
+    trainable parameter, vision adapters included, got a gradient. The evaluation after the last step generates
+    for every sample (one-image, several-image and text-only in one batch) and scores it."""
     spec = SPECS[name]
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({
         "output_dir": str(tmp_path / "out"), "model": {"name_or_path": str(tiny_model(name))},
         "data": {"train": {"source": write_dataset(tmp_path, spec)}},
-        "train": {"max_steps": 2, "micro_batch_size": 3, "global_batch_size": 3, "lr": 1e-3, "max_length": 4096}}))
+        "train": {"max_steps": 2, "micro_batch_size": 3, "global_batch_size": 3, "lr": 1e-3, "max_length": 4096},
+        "eval": {"split": "train", "max_new_tokens": 3, "batch_size": 3}}))
     assert main(["finetune", "-c", str(recipe), *(LORA_EVERYWHERE if mode == "lora" else [])]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["skipped"] == {} and summary["samples_seen"] == 6
     lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert all(torch.isfinite(torch.tensor(x["loss"])) for x in lines)
+    assert all(torch.isfinite(torch.tensor(x["loss"])) for x in lines if "loss" in x)
+    (evaluation,) = [x for x in lines if "eval" in x]
+    assert evaluation["step"] == 2 and evaluation["eval_samples"] == 3
+    assert set(evaluation["eval"]) == {"exact_match", "anls", "rouge_l"}
+    rows = [json.loads(x) for x in (tmp_path / "out" / "eval" / "step-000002" / "predictions.jsonl").read_text()
+            .splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2] and all(set(r["scores"]) == set(evaluation["eval"]) for r in rows)
     assert (tmp_path / "out" / "final" / ("adapter_config.json" if mode == "lora" else "config.json")).is_file()
 
 

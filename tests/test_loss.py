@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tiny import all_specs, build
+from tiny import build, chat_specs
 
 from vlmtune import loss as vloss
 from vlmtune.batching import collate
@@ -28,7 +28,7 @@ from vlmtune.model import load_model
 from vlmtune.peft import apply_lora
 from vlmtune.train import to_device
 
-SPECS = all_specs()
+SPECS = chat_specs()
 NAMES = sorted(SPECS)
 GRAD_FAMILIES = ["gemma3", "gemma3n", "llama4", "llava", "qwen2_5_vl"]
 BIG = 1_000_000  # more tokens per chunk than any batch here has

@@ -18,7 +18,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import shared_dir
 from vlmtune.models.nemotron_parse import register, syntax
 from vlmtune.models.nemotron_parse.configuration import NemotronParseConfig, NemotronParseConfigError, radio_config
 from vlmtune.models.nemotron_parse.modeling import NemotronParseForConditionalGeneration
@@ -39,15 +38,8 @@ def official_keys() -> dict[str, tuple[int, ...]]:
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    from filelock import FileLock
-    from tiny import nemotron_parse as tiny_np
-
-    out = shared_dir(tmp_path_factory, "tiny-models") / "nemotron_parse"
-    with FileLock(str(out) + ".lock"):
-        if not (out / "config.json").is_file():
-            tiny_np.build(out)
-    return out
+def tiny_dir(tiny_model) -> Path:
+    return tiny_model("nemotron_parse")
 
 
 @pytest.fixture(scope="module")

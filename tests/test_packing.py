@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from PIL import Image
-from tiny import all_specs
+from tiny import chat_specs
 
 from conftest import small_recipe
 from vlmtune import attention
@@ -22,7 +22,7 @@ from vlmtune.loss import loss_sum, model_inputs
 from vlmtune.model import load_model
 from vlmtune.train import finetune, to_device
 
-SPECS = all_specs()
+SPECS = chat_specs()
 NAMES = sorted(SPECS)
 CPU = torch.device("cpu")
 

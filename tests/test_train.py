@@ -148,7 +148,8 @@ def test_demo_cli_end_to_end(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "vlmtune", "finetune", f"output_dir={out}", "train.max_steps=6",
-                           "train.val_every_steps=3", "train.warmup_steps=1"],
+                           "train.val_every_steps=3", "train.warmup_steps=1", "eval.every_steps=3",
+                           "eval.max_new_tokens=8"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"model: {out / 'final'}" in proc.stdout
@@ -158,6 +159,11 @@ def test_demo_cli_end_to_end(tmp_path):
     assert len(losses) == 6 and sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.5
     val = [(x["step"], x["val_loss"]) for x in lines if "val_loss" in x]
     assert [step for step, _ in val] == [3, 6] and val[1][1] < val[0][1]
+    # The receipts of the validation split are generated and scored during training and after the last step.
+    evals = [x for x in lines if "eval" in x]
+    assert [x["step"] for x in evals] == [3, 6] and all(x["eval_samples"] == 8 for x in evals)
+    assert all(set(x["eval"]) == {"cord_ted", "cord_f1", "exact_match"} for x in evals)
+    assert (out / "eval" / "step-000006" / "predictions.jsonl").read_text().count("\n") == 8
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     assert recipe["train"]["max_steps"] == 6
     model = AutoModelForImageTextToText.from_pretrained(out / "final")

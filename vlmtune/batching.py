@@ -44,7 +44,7 @@ def collate(samples: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     seq_keys = set(kept[0].seq_keys)
     for key in sorted(keys):
         if key in seq_keys:
-            fill = {"input_ids": pad_id, "labels": IGNORE}.get(key, 0)
+            fill = pad_id if key == kept[0].ids_key else IGNORE if key == "labels" else 0
             rows = [torch.nn.functional.pad(e.tensors[key], (0, width - e.length), value=fill) for e in kept]
             batch[key] = torch.stack(rows)
         else:
@@ -206,6 +206,6 @@ def pack(batch: dict, rope: torch.nn.Module | None = None) -> dict:
 
 
 def padding_tokens(batch: dict) -> int:
-    """Pad positions in a micro-batch (0 when packed)."""
-    mask = batch.get("attention_mask")
+    """Pad positions in a micro-batch (0 when packed): its attention mask's zeros (an encoder-decoder's decoder's)."""
+    mask = batch.get("attention_mask", batch.get("decoder_attention_mask"))
     return 0 if mask is None else int(mask.numel() - mask.sum())

@@ -97,7 +97,7 @@ RECIPE = "recipe.yaml"
 SHARD_BYTES = 2 * 1024**3  # size of a safetensors file of the final model (before the next one starts)
 _NAME = re.compile(r"step-(\d+)")
 _PARTIAL = re.compile(r"step-\d+\.tmp-\d+")
-_UNIT = re.compile(r"^(.*?\.(?:layers|blocks)\.\d+)\.")
+_UNIT = re.compile(r"^(.*?\.(?:layers|layer|blocks)\.\d+)\.")
 
 
 @dataclass
@@ -109,7 +109,9 @@ class RunState:
     last_val: float | None = None
     nonfinite_steps: int = 0  # optimizer steps skipped for a NaN/inf loss or gradient norm, in all
     bad_in_row: int = 0  # ... and in a row, up to now
-    pending_validation: bool = False  # stopped by a signal before the validation due at `step`
+    pending_validation: bool = False  # stopped by a signal before the validation / evaluation due at `step`
+    best_value: float | None = None  # checkpoint.best: the best evaluation so far, and its step
+    best_step: int | None = None
 
 
 @dataclass
@@ -561,7 +563,7 @@ class Checkpoints:
         m, metrics = saved["metrics"], state.metrics
         metrics.seen, metrics.skipped, metrics.examples = m["seen"], Counter(m["skipped"]), dict(m["examples"])
         metrics.shortened = Counter(m.get("shortened", {}))
-        state.run = RunState(**{k: saved[k] for k in RunState.__dataclass_fields__})
+        state.run = RunState(**{k: saved[k] for k in RunState.__dataclass_fields__ if k in saved})
         set_rng_state(rng)
         if self.writer:
             dropped = truncate_metrics(metrics.path, state.run.step)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from vlmtune.config import apply_overrides, build_recipe, load_yaml, parse_override
+from vlmtune.config import EvalConfig, apply_overrides, build_recipe, load_yaml, parse_override
 from vlmtune.errors import GenerateError, RecipeError, VlmtuneError
 
 
@@ -35,7 +35,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from vlmtune.encode import EncodedDataset, SampleEncoder, Skipped
+    from vlmtune.encode import EncodedDataset, Skipped, make_encoder
     from vlmtune.families import family_for
     from vlmtune.model import load_config, load_processor
     from vlmtune.views import render_html, render_text, sample_view
@@ -46,7 +46,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     spec = recipe.data.train if args.split == "train" else recipe.data.validation
     if spec is None:
         raise RecipeError("inspect --split validation: the recipe has no data.validation")
-    encoder = SampleEncoder(processor, family, recipe.train.max_length, recipe.train.overlong)
+    encoder = make_encoder(processor, family, recipe.train.max_length, recipe.train.overlong)
     ds = EncodedDataset.of(spec, encoder, f"data.{args.split}", max_image_pixels=recipe.data.max_image_pixels)
     if not 0 <= args.index < len(ds):
         raise RecipeError(f"--index {args.index} is out of range: data.{args.split} has {len(ds)} rows")
@@ -65,6 +65,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         Path(args.out).write_text(out + ("\n" if not out.endswith("\n") else ""))
     else:
         print(out)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from vlmtune.evaluate import evaluate_recipe, rescore
+
+    if args.predictions:
+        if args.config or args.model or args.adapter:
+            raise RecipeError("evaluate --predictions scores a file again, with no model: drop -c / --model / "
+                              "--adapter, or drop --predictions to generate anew")
+        if not args.metrics:
+            raise RecipeError("evaluate --predictions needs --metrics m1,m2 (e.g. --metrics exact_match,anls)")
+        aggregate = rescore(args.predictions, args.metrics.split(","), args.out)
+    else:
+        recipe = recipe_from_args(args)
+        if args.metrics:
+            recipe.eval = (recipe.eval or EvalConfig()).model_copy(update={"metrics": args.metrics.split(",")})
+        aggregate = evaluate_recipe(recipe, args.out, args.split, args.model, args.adapter, args.limit)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in aggregate.items())
+    print(f"vlmtune evaluate: {shown}\n  predictions and metrics: {args.out}")
     return 0
 
 
@@ -132,6 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--format", choices=["text", "json", "html"], default="text")
     sp.add_argument("--out", help="write to this file instead of stdout")
     sp.set_defaults(func=cmd_inspect)
+
+    sp = with_recipe("evaluate", "generate on a data split and score it with task metrics (or score a predictions "
+                                 "file again)")
+    sp.add_argument("--out", required=True, help="folder for predictions.jsonl and metrics.json")
+    sp.add_argument("--model", help="model folder or hub id, or an adapter folder whose config names its base "
+                                    "(default: output_dir/final if it exists, else model.name_or_path)")
+    sp.add_argument("--adapter", help="a PEFT adapter folder to load on top of --model")
+    sp.add_argument("--split", choices=["train", "validation"], help="default: the recipe's eval.split (validation)")
+    sp.add_argument("--limit", type=int, help="only the first N samples of the split")
+    sp.add_argument("--metrics", help="comma-separated metrics (default: the recipe's eval.metrics, else the data "
+                                      "format's defaults)")
+    sp.add_argument("--predictions", help="score this predictions.jsonl again (rows with reference and prediction)")
+    sp.set_defaults(func=cmd_evaluate)
 
     sp = sub.add_parser("export", help="write a trained model (or adapter) as a complete Hugging Face folder")
     sp.add_argument("--checkpoint", required=True,

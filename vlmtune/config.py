@@ -17,6 +17,7 @@ from vlmtune.data.formats import FORMAT_NAMES
 from vlmtune.data.media import DEFAULT_MAX_PIXELS
 from vlmtune.errors import RecipeError
 from vlmtune.families import PARTS
+from vlmtune.scores import METRICS, check_metrics
 
 DataFormat = Literal[("auto", *FORMAT_NAMES)]  # the rows of vlmtune/data/formats.py's table
 
@@ -52,6 +53,7 @@ class DataSource(_Strict):
     prompt: str | None = None  # user prompt for cord_v2 / rdr / columns (image + text); format default if None
     system_prompt: str | None = None
     cord_target: Literal["tokens", "json"] = "tokens"  # Donut-style <s_key>..</s_key> or plain JSON
+    bbox_units: Literal["pixels", "normalized"] = "pixels"  # nemotron_parse blocks: boxes in pixels or page fractions
     image_root: str | None = None  # base for relative image paths (default: the data file's folder)
     # columns format: which column holds what
     image_column: str = "image"
@@ -104,6 +106,17 @@ class TrainConfig(_Strict):
     # RMSNorm (CUDA + `pip install liger-kernel`), applied to the loaded model only (vlmtune/kernels.py).
     # torch: vlmtune's own loss and the model's own modules.
     kernels: Literal["torch", "liger"] = "torch"
+    # Weight of a token's loss by its target: token strings or globs -> weight, e.g. {"<x_*>": 10} (Nemotron-Parse's
+    # coordinate tokens). The step still divides the weighted sum by the number of supervised tokens.
+    token_weights: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("token_weights")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in value.items() if not v > 0}
+        if bad:
+            raise ValueError(f"weights must be > 0, got {bad}")
+        return value
 
 
 class FreezeConfig(_Strict):
@@ -163,11 +176,37 @@ class OptimConfig(_Strict):
         return value
 
 
+class BestConfig(_Strict):
+    """Keep the model of the best evaluation in output_dir/best (a Hugging Face folder; best.json says the step)."""
+
+    metric: str  # one of the eval metrics, e.g. cord_ted
+    mode: Literal["max", "min"] | None = None  # None: the metric's direction (error rates are minimised)
+
+
 class CheckpointConfig(_Strict):
     """output_dir/checkpoints/step-NNNNNN (see vlmtune/checkpoint.py); SIGTERM/SIGINT always save one."""
 
     every_steps: int | None = Field(default=None, ge=1)  # None: only when stopped by a signal
     keep: int = Field(default=2, ge=1)  # the newest K complete checkpoints stay
+    best: BestConfig | None = None
+
+
+class EvalConfig(_Strict):
+    """Generation on a split scored by task metrics (vlmtune/evaluate.py): during training (every ``every_steps``
+    and after the last step) when this section is in the recipe, and by ``vlmtune evaluate``."""
+
+    every_steps: int | None = Field(default=None, ge=1)  # None: only after the last step
+    split: Literal["validation", "train"] = "validation"
+    max_samples: int | None = Field(default=None, ge=1)  # the first N samples of the split; None: all
+    metrics: list[str] | None = None  # None: the data format's defaults (vlmtune/scores.py DEFAULT_METRICS)
+    max_new_tokens: int = Field(default=128, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    strip_thinking: bool = True  # think blocks (the family's think_tags) are removed before scoring
+
+    @field_validator("metrics")
+    @classmethod
+    def _known(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else check_metrics(value)
 
 
 class DistributedConfig(_Strict):
@@ -191,6 +230,7 @@ class Recipe(_Strict):
     peft: PeftConfig | None = None  # null: full fine-tune
     optim: OptimConfig = Field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig | None = None  # null: no evaluation during training
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     # null: start fresh; "auto": the newest complete checkpoint in output_dir/checkpoints (fresh if none);
     # a path: that checkpoint folder.
@@ -290,6 +330,18 @@ def cross_field_problems(r: Recipe) -> list[str]:
     if t.micro_batch_tokens is not None and t.micro_batch_tokens < t.max_length:
         out.append(f"train.micro_batch_tokens ({t.micro_batch_tokens}) must be at least train.max_length "
                    f"({t.max_length}), so that every sample fits in a micro-batch")
+    best = r.checkpoint.best
+    if best is not None and r.eval is None:
+        out.append("checkpoint.best needs an eval section (the metric comes from evaluation during training); add "
+                   "eval: {every_steps: N} or remove checkpoint.best")
+    elif best is not None and best.metric not in (r.eval.metrics or METRICS):
+        out.append(f"checkpoint.best.metric: {best.metric!r} is not among the eval metrics "
+                   f"{r.eval.metrics or sorted(METRICS)}")
+    if r.eval is not None and r.eval.split == "validation" and r.data.validation is None:
+        out.append("eval.split=validation, but the recipe has no data.validation; add one or set eval.split=train")
+    if t.token_weights and t.kernels == "liger":
+        out.append("train.token_weights is not supported with train.kernels=liger (Liger's fused loss has no "
+                   "per-token weights); use train.kernels=torch")
     if f.vision_tower and f.projector and f.language_model:
         out.append("freeze.vision_tower, freeze.projector and freeze.language_model are all true: nothing would "
                    "train; unfreeze at least one")

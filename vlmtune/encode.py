@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import jinja2
 import torch
@@ -27,12 +28,13 @@ class Encoded:
 
     index: int
     tensors: dict[str, torch.Tensor]
-    seq_keys: tuple[str, ...]  # keys aligned with input_ids (padded in batches); the rest are concatenated
+    seq_keys: tuple[str, ...]  # keys aligned with the token ids (padded in batches); the rest are concatenated
     shortened: str = ""  # how a sample over train.max_length was made to fit (train.overlong), counted in the summary
+    ids_key: str = "input_ids"  # the token ids ``labels`` is aligned with (an encoder-decoder's: the decoder's)
 
     @property
     def length(self) -> int:
-        return int(self.tensors["input_ids"].numel())
+        return int(self.tensors[self.ids_key].numel())
 
     @property
     def supervised(self) -> int:
@@ -103,6 +105,8 @@ def media_of(conversation: list[dict], kind: str) -> list:
 @dataclass
 class SampleEncoder:
     """Callable Conversation -> Encoded. Picklable, so DataLoader workers can run it."""
+
+    ids_key: ClassVar[str] = "input_ids"
 
     processor: object
     family: Family
@@ -190,6 +194,31 @@ class SampleEncoder:
                                   f"sample {index}: trained span decodes to {got!r}, expected {want!r}")
         return labels
 
+    def prompt_text(self, conversation: list[dict]) -> str:
+        """What the model reads before it answers: the chat up to the assistant's turn."""
+        return self.processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+
+    def prompt_inputs(self, conversations: Sequence[list[dict]]) -> dict[str, torch.Tensor]:
+        """Generation inputs for conversations without their answer, as one batch LEFT-padded (generation appends
+        on the right); the prompt ids are under ``input_ids``."""
+        texts = [self.prompt_text(c) for c in conversations]
+        # Per sample, nested: some processors (Gemma 3) count images per prompt and reject a flat list.
+        per_sample = [media_of(c, "image") for c in conversations]
+        images = per_sample if any(per_sample) else None
+        tok = self.processor.tokenizer
+        side, tok.padding_side = tok.padding_side, "left"
+        try:
+            batch = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+        finally:
+            tok.padding_side = side
+        return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+    def stop_ids(self) -> list[int]:
+        """Token ids that end an answer: the family's end-of-turn marker (when it is one token) and EOS."""
+        tok = self.processor.tokenizer
+        ids = [self.end_ids[0]] if len(self.end_ids) == 1 else []
+        return [*ids, *([tok.eos_token_id] if tok.eos_token_id is not None else [])]
+
     def shorten(self, tensors: dict, seq_keys: Sequence[str], index: int, length: int) -> dict:
         ids = tensors["input_ids"]
         vision_pos = [i for i, t in enumerate(ids.tolist()) if t in self.vision_token_ids]
@@ -218,6 +247,89 @@ class SampleEncoder:
             if tail[-k:] == self.end_ids[:k]:
                 cut[n - k:] = IGNORE
                 return
+
+
+@dataclass
+class PromptEncoder:
+    """Callable Conversation -> Encoded for encoder-decoder families (``Family.encoding == "prompt"``, e.g.
+    Nemotron-Parse): the image goes to the encoder; the decoder reads a prompt (the user turn's text: task tokens,
+    never trained) and then writes the answer, trained with its end token. The ids and labels are the decoder's
+    (``decoder_input_ids``), aligned as for decoder-only models: ``labels[t]`` is the token at ``t``, -100 where
+    nothing is trained, so the loss is the same code. Picklable, so DataLoader workers can run it."""
+
+    ids_key: ClassVar[str] = "decoder_input_ids"
+    processor: object
+    family: Family
+    max_length: int
+    overlong: str = "drop"  # or "truncate_text": cut the answer (never taught to end)
+
+    def __post_init__(self) -> None:
+        tok = self.processor.tokenizer
+        self.end_ids = [tok.eos_token_id]
+
+    def _parts(self, conversation: list[dict], index: int) -> tuple[str, str | None]:
+        answers = _answers(conversation)
+        if len(answers) > 1 or len(media_of(conversation, "image")) != 1 or media_of(conversation, "video"):
+            raise SampleError("placeholder_mismatch", f"sample {index}: a {self.family.name} sample is one image, "
+                                                      "a prompt and at most one answer")
+        prompt = "".join(p["text"] for m in conversation if m["role"] == "user" for p in m["content"]
+                         if p["type"] == "text")
+        return prompt, (answers[0] if answers else None)
+
+    def prompt_text(self, conversation: list[dict]) -> str:
+        return self._parts(conversation, -1)[0]
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        return self.processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def __call__(self, conversation: list[dict], index: int) -> Encoded:
+        prompt, answer = self._parts(conversation, index)
+        tok = self.processor.tokenizer
+        prompt_ids = self._prompt_ids(prompt)
+        answer_ids = tok(answer or "", add_special_tokens=False)["input_ids"] + self.end_ids
+        ids = prompt_ids + answer_ids
+        labels = [IGNORE] * len(prompt_ids) + answer_ids
+        got, want = tok.decode(answer_ids), (answer or "") + tok.eos_token
+        if got.strip() != want.strip():  # self-check, as for chats: the trained tokens are the answer + end
+            raise SampleError("label_mismatch", f"sample {index}: trained span decodes to {got!r}, expected {want!r}")
+        shortened = ""
+        if len(ids) > self.max_length:
+            if self.overlong != "truncate_text" or len(prompt_ids) >= self.max_length - 1:
+                raise SampleError("too_long", f"sample {index}: {len(ids)} decoder tokens > train.max_length="
+                                              f"{self.max_length}; raise train.max_length or set "
+                                              "train.overlong=truncate_text to cut the answer")
+            # The end token is past the cut: the cut answer is not taught to end.
+            ids, labels, shortened = ids[: self.max_length], labels[: self.max_length], self.overlong
+        try:
+            pixels = self.processor(images=media_of(conversation, "image"), return_tensors="pt")["pixel_values"]
+        except (ValueError, RuntimeError, OSError) as e:
+            raise SampleError("unreadable_image", f"sample {index}: the image processor rejected it: {e}") from e
+        tensors = {"pixel_values": pixels, "decoder_input_ids": torch.tensor(ids),
+                   "decoder_attention_mask": torch.ones(len(ids), dtype=torch.long), "labels": torch.tensor(labels)}
+        return Encoded(index, tensors, ("decoder_input_ids", "decoder_attention_mask", "labels"), shortened,
+                       ids_key=self.ids_key)
+
+    def prompt_inputs(self, conversations: Sequence[list[dict]]) -> dict[str, torch.Tensor]:
+        """The images and the decoder prompts, LEFT-padded, under ``decoder_input_ids``."""
+        prompts = [self._prompt_ids(self._parts(c, -1)[0]) for c in conversations]
+        width, pad = max(map(len, prompts)), self.processor.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        pixels = self.processor(images=[media_of(c, "image")[0] for c in conversations],
+                                return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixels, "decoder_input_ids": ids, "decoder_attention_mask": mask}
+
+    def stop_ids(self) -> list[int]:
+        return list(self.end_ids)
+
+
+ENCODERS = {"chat": SampleEncoder, "prompt": PromptEncoder}
+
+
+def make_encoder(processor, family: Family, max_length: int, overlong: str = "drop") -> SampleEncoder | PromptEncoder:
+    """The family's encoder (``Family.encoding``): chats through the chat template, or an encoder-decoder's
+    prompt + answer."""
+    return ENCODERS[family.encoding](processor, family, max_length, overlong)
 
 
 class EncodedDataset:

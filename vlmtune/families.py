@@ -85,6 +85,13 @@ class Family:
     # no nn.Linear for LoRA to wrap, so vlmtune/peft.py adapts them through peft's `target_parameters` (possible
     # with LoRA and peft.dropout=0; peft's parameter adapters support neither dropout nor DoRA).
     expert_params: tuple[str, ...] = ()
+    # How a sample becomes token ids and labels (vlmtune/encode.py ENCODERS): "chat" renders the chat template and
+    # trains the assistant turns found by the markers above; "prompt" is an encoder-decoder's: the image goes to the
+    # encoder, the decoder reads the user turn's text as its prompt (never trained) and writes the answer + end.
+    encoding: str = "chat"
+    # How a Thinking template's model marks its reasoning before the answer: stripped from predictions before
+    # they are scored (vlmtune/evaluate.py).
+    think_tags: tuple[str, str] = ("<think>", "</think>")
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -148,8 +155,15 @@ FAMILIES: tuple[Family, ...] = (
     # Kimi-VL (vlmtune's native implementation, no remote code): turns end with <|im_end|> and no newline. The
     # Thinking models write their reasoning as `◁think▷...◁/think▷` at the start of the answer, which the templates
     # leave to the text: in training data it is part of the answer and trained.
+    # An encoder-decoder (vlmtune/models/nemotron_parse): the page goes to the C-RADIO encoder, the neck (projector)
+    # condenses its patches, the mBART-style decoder writes the page's markdown with box and class tokens.
+    Family("nemotron_parse", {"vision_tower": ("encoder.model_encoder",), "projector": ("encoder",),
+                              "language_model": ("decoder", "lm_head")},
+           "", "</s>", encoding="prompt", cast_to_model_dtype=("pixel_values",), model_types=("nemotron_parse",),
+           no_packing="an encoder-decoder: each sample's decoder reads its own page's encoder output",
+           notes="the decoder prompt is the task tokens </s><s><predict_bbox><predict_classes><output_markdown>"),
     Family("kimi_vl", KIMI_VL_PARTS, "<|im_assistant|>assistant<|im_middle|>", "<|im_end|>", model_types=("kimi_vl",),
-           expert_params=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+           expert_params=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"), think_tags=("◁think▷", "◁/think▷"),
            notes="template injects a default system prompt when none is given; Instruct, Thinking and "
                  "Thinking-2506 share the template format"),
 )

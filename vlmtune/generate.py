@@ -16,12 +16,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import PIL.Image
 import torch
 
 from vlmtune.config import ModelConfig, Recipe, RecipeError
 from vlmtune.data.dataset import ConversationDataset
-from vlmtune.encode import media_of
+from vlmtune.data.media import load_image
+from vlmtune.encode import make_encoder, media_of
 from vlmtune.errors import GenerateError, SampleError
 from vlmtune.families import Family
 from vlmtune.model import autocast_dtype, load_model, pick_device
@@ -80,9 +80,13 @@ class Generator:
     def __post_init__(self) -> None:
         tok = self.processor.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.encoder = make_encoder(self.processor, self.family, max_length=2**31)
         gc = copy.deepcopy(self.model.generation_config)
         sample = self.temperature > 0
-        gc.update(max_new_tokens=self.max_new_tokens, do_sample=sample, pad_token_id=pad,
+        # Stop at the family's end of turn as well as at the model's own end tokens.
+        eos = gc.eos_token_id if isinstance(gc.eos_token_id, list) else [gc.eos_token_id]
+        stop = list(dict.fromkeys([*(i for i in eos if i is not None), *self.encoder.stop_ids()]))
+        gc.update(max_new_tokens=self.max_new_tokens, do_sample=sample, pad_token_id=pad, eos_token_id=stop,
                   temperature=self.temperature if sample else None, top_p=self.top_p if sample else None,
                   top_k=gc.top_k if sample else None)
         self.generation_config = gc
@@ -92,32 +96,25 @@ class Generator:
         self.amp = (lambda: torch.autocast(self.device.type, dtype=amp)) if amp else contextlib.nullcontext
 
     def prompt(self, conversation: list[dict]) -> str:
-        return self.processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        return self.encoder.prompt_text(conversation)
 
     def encode(self, conversations: Sequence[list[dict]]) -> dict:
-        texts = [self.prompt(c) for c in conversations]
-        # Per sample, nested: some processors (Gemma 3) count images per prompt and reject a flat list.
-        per_sample = [media_of(c, "image") for c in conversations]
-        images = per_sample if any(per_sample) else None
-        tok = self.processor.tokenizer
-        side, tok.padding_side = tok.padding_side, "left"  # generation appends on the right
-        try:
-            batch = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
-        finally:
-            tok.padding_side = side
+        """The family's prompt inputs (vlmtune/encode.py), left-padded, on the model's device and dtype."""
+        batch = self.encoder.prompt_inputs(conversations)
         return {k: (v.to(self.device).to(self.dtype) if k in self.family.cast_to_model_dtype and v.is_floating_point()
-                    else v.to(self.device)) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+                    else v.to(self.device)) for k, v in batch.items()}
 
     @torch.no_grad()
     def generate(self, conversations: Sequence[list[dict]], **kwargs):
-        """(``model.generate``'s output, prompt width): the new tokens of row i are ``out[i, width:]``."""
+        """(``model.generate``'s output, prompt width): the new tokens of row i are ``out[i, width:]`` (an
+        encoder-decoder's output starts with its decoder prompt too)."""
         inputs = self.encode(conversations)
         with self.amp():
             out = self.model.generate(**inputs, generation_config=self.generation_config, **kwargs)
-        return out, inputs["input_ids"].shape[1]
+        return out, inputs[self.encoder.ids_key].shape[1]
 
-    def __call__(self, conversations: Sequence[list[dict]]) -> list[str]:
-        out, width = self.generate(conversations)
+    def __call__(self, conversations: Sequence[list[dict]], **kwargs) -> list[str]:
+        out, width = self.generate(conversations, **kwargs)
         return [self.processor.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, width:]]
 
 
@@ -129,8 +126,10 @@ def generate_one(model_path: str, image: str | None, prompt: str, adapter: str |
     if image is not None:
         if not Path(image).is_file():
             raise GenerateError(f"--image {image!r} does not exist")
-        with PIL.Image.open(image) as im:
-            content.append({"type": "image", "image": im.convert("RGB")})
+        try:  # decoded as for training: EXIF orientation, high bit depth, transparency
+            content.append({"type": "image", "image": load_image(Path(image).resolve(), None, 0)})
+        except SampleError as e:
+            raise GenerateError(f"--image {image!r}: {e}") from e
     content.append({"type": "text", "text": prompt})
     model, processor, family = load_for_inference(model_path, adapter, pick_device(device), model_cfg)
     gen = Generator(model, processor, family, max_new_tokens, temperature)
@@ -148,40 +147,62 @@ def _batches(indices: Sequence[int], size: int) -> Iterator[list[int]]:
         yield list(indices[start:start + size])
 
 
+def predict(gen: Generator, ds: ConversationDataset, indices: Sequence[int], batch_size: int,
+            skipped: list | None = None, **generate_kwargs) -> Iterator[dict]:
+    """A prediction row per sample of `indices`: ``{"index", "prompt", "reference", "prediction"}``, plus
+    ``"parsed"`` where the processor reads its model's output into structure (Nemotron-Parse: the page's blocks).
+    The prompt is the conversation without its final assistant turn, which is the reference. Samples whose record
+    cannot be read are appended to `skipped` (index, reason) and left out."""
+    parse = getattr(gen.processor, "parse", None)
+    for idx in _batches(indices, batch_size):
+        items = []
+        for i in idx:
+            try:
+                items.append((i, *split_conversation(ds.conversation(i))))
+            except SampleError as e:
+                if skipped is not None:
+                    skipped.append((i, e.reason))
+        if not items:
+            continue
+        predictions = gen([conv for _, conv, _ in items], **generate_kwargs)
+        for (i, conv, reference), prediction in zip(items, predictions, strict=True):
+            row = {"index": i, "prompt": gen.prompt(conv), "reference": reference, "prediction": prediction}
+            if callable(parse):
+                row["parsed"] = parse(prediction, media_of(conv, "image")[0].size)
+            yield row
+
+
 def generate_split(recipe: Recipe, split: str, out: str | Path, model_path: str | None = None,
                    adapter: str | None = None, limit: int | None = None, batch_size: int = 8,
                    max_new_tokens: int = 128, temperature: float = 0.0) -> tuple[Path, int, int]:
-    """Predictions for a data split as JSONL (index, prompt, reference, prediction), one line per sample.
+    """Predictions for a data split as JSONL (see :func:`predict`), one line per sample.
 
     Returns (path, samples written, samples skipped because their record could not be read).
     """
-    spec = recipe.data.train if split == "train" else recipe.data.validation
-    if spec is None:
-        raise RecipeError(f"generate --split {split}: the recipe has no data.{split}")
-    model_path = model_path or default_model(recipe)
-    print(f"vlmtune generate: model {model_path}" + (f" + adapter {adapter}" if adapter else ""), file=sys.stderr)
-    model, processor, family = load_for_inference(model_path, adapter, pick_device(recipe.train.device), recipe.model)
-    ds = ConversationDataset(spec, f"data.{split}", recipe.data.max_image_pixels)
+    model, processor, family, ds = split_model_and_data(recipe, split, model_path, adapter, "generate")
     gen = Generator(model, processor, family, max_new_tokens, temperature)
     n = len(ds) if limit is None else min(limit, len(ds))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    written, skipped = 0, 0
+    skipped: list = []
+    written = 0
     with out.open("w") as f:
-        for idx in _batches(range(n), batch_size):
-            items = []
-            for i in idx:
-                try:
-                    items.append((i, *split_conversation(ds.conversation(i))))
-                except SampleError as e:
-                    skipped += 1
-                    print(f"vlmtune generate: skipped sample {i} ({e.reason}): {e}", file=sys.stderr)
-            if not items:
-                continue
-            predictions = gen([conv for _, conv, _ in items])
-            for (i, conv, reference), prediction in zip(items, predictions, strict=True):
-                f.write(json.dumps({"index": i, "prompt": gen.prompt(conv), "reference": reference,
-                                    "prediction": prediction}, ensure_ascii=False) + "\n")
-                written += 1
+        for row in predict(gen, ds, range(n), batch_size, skipped):
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
-    return out, written, skipped
+            written += 1
+    for i, reason in skipped:
+        print(f"vlmtune generate: skipped sample {i} ({reason})", file=sys.stderr)
+    return out, written, len(skipped)
+
+
+def split_model_and_data(recipe: Recipe, split: str, model_path: str | None, adapter: str | None,
+                         command: str) -> tuple[torch.nn.Module, object, Family, ConversationDataset]:
+    """The model to generate with (`model_path`, else the run's final/ folder, else the base) and the split."""
+    spec = recipe.data.train if split == "train" else recipe.data.validation
+    if spec is None:
+        raise RecipeError(f"{command} --split {split}: the recipe has no data.{split}")
+    model_path = model_path or default_model(recipe)
+    print(f"vlmtune {command}: model {model_path}" + (f" + adapter {adapter}" if adapter else ""), file=sys.stderr)
+    model, processor, family = load_for_inference(model_path, adapter, pick_device(recipe.train.device), recipe.model)
+    return model, processor, family, ConversationDataset(spec, f"data.{split}", recipe.data.max_image_pixels)

@@ -24,6 +24,7 @@ takes the plain path from then on.
 
 from __future__ import annotations
 
+import fnmatch
 import weakref
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmtune.encode import IGNORE
+from vlmtune.errors import TrainingError
 
 PROBE_MAGNITUDE = 100.0  # largest probe logit: far into any soft-cap's flat part, so a cap shows at once
 PROBE_TOLERANCE = 0.02  # of the probe magnitude: bf16 rounding of logits near 100 is 0.5, a missed cap is > 50
@@ -54,25 +56,27 @@ def supervised_count(labels: torch.Tensor) -> int:
     return int((targets_of(labels) != IGNORE).sum())
 
 
-def loss_sum(model: torch.nn.Module, batch: dict, chunk_tokens: int | None = 1024,
-             kernel: str = "torch") -> torch.Tensor:
+def loss_sum(model: torch.nn.Module, batch: dict, chunk_tokens: int | None = 1024, kernel: str = "torch",
+             token_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Sum (not mean) of next-token CE over the supervised tokens of one micro-batch.
 
     ``chunk_tokens=None``: one logits tensor for every supervised position (``logits_to_keep``). Otherwise the
     fused, chunked path (same value and gradients); it falls back to the plain path where it cannot be exact.
     ``kernel="liger"``: the fused path runs Liger Kernel's fused linear cross-entropy (CUDA; its own chunks).
+    ``token_weights``: a weight per vocabulary id (``train.token_weights``, see :func:`token_weight_table`): each
+    token's loss counts times the weight of its target; the step still divides by the number of supervised tokens.
     """
     if chunk_tokens is None:
-        return plain_loss_sum(model, batch)
+        return plain_loss_sum(model, batch, token_weights)
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be at least 1 (or None), got {chunk_tokens}")
     head = fusable_head(model)
     if head is None or _CHECKED.get(head) is False:
-        return plain_loss_sum(model, batch)
-    return _fused_loss_sum(model, head, batch, chunk_tokens, kernel)
+        return plain_loss_sum(model, batch, token_weights)
+    return _fused_loss_sum(model, head, batch, chunk_tokens, kernel, token_weights)
 
 
-def plain_loss_sum(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+def plain_loss_sum(model: torch.nn.Module, batch: dict, token_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Sum (not mean) of next-token losses over the supervised tokens of one micro-batch.
 
     Only positions that predict a supervised token get logits (``logits_to_keep``), so the full
@@ -81,8 +85,34 @@ def plain_loss_sum(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     targets = targets_of(batch["labels"])
     keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(1)
     logits = model(**model_inputs(batch), logits_to_keep=keep, use_cache=False).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), targets[:, keep].flatten(), ignore_index=IGNORE,
-                           reduction="sum")
+    return _ce_sum(logits, targets[:, keep], token_weights)
+
+
+def _ce_sum(logits: torch.Tensor, targets: torch.Tensor, token_weights: torch.Tensor | None) -> torch.Tensor:
+    """Summed CE of [rows, positions, vocab] logits against targets (-100 ignored), each weighted by its target."""
+    if token_weights is None:
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
+    return (ce * token_weights[targets.flatten().clamp(min=0)]).sum()
+
+
+def token_weight_table(tokenizer, patterns: dict[str, float], model: torch.nn.Module) -> torch.Tensor | None:
+    """A weight per id of the model's output vocabulary (1 unless a pattern says otherwise), on the head's device,
+    from ``train.token_weights``: token strings or globs (``<x_*>``) -> weight. None without patterns (the
+    unweighted loss, unchanged)."""
+    if not patterns:
+        return None
+    head = unwrap(model).get_output_embeddings()
+    size = head.weight.shape[0]
+    table = torch.ones(size, dtype=torch.float32)
+    vocab = tokenizer.get_vocab()
+    for pattern, weight in patterns.items():
+        ids = [i for tok, i in vocab.items() if fnmatch.fnmatchcase(tok, pattern) and i < size]
+        if not ids:
+            raise TrainingError(f"train.token_weights: {pattern!r} matches no token of the tokenizer; give token "
+                                "strings or globs as the tokenizer writes them (e.g. '<x_*>')")
+        table[ids] = weight
+    return table.to(head.weight.device)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -148,11 +178,11 @@ class _Capture:
 
 
 def _fused_loss_sum(model: torch.nn.Module, head: torch.nn.Linear, batch: dict, chunk_tokens: int,
-                    kernel: str) -> torch.Tensor:
+                    kernel: str, token_weights: torch.Tensor | None) -> torch.Tensor:
     targets = targets_of(batch["labels"])
     keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(1)
     if keep.numel() == 0:  # nothing supervised: the plain path's empty logits are free
-        return plain_loss_sum(model, batch)
+        return plain_loss_sum(model, batch, token_weights)
     kept = targets[:, keep]
     mask = kept != IGNORE
     softcap, probe = final_softcap(model), head not in _CHECKED
@@ -165,8 +195,9 @@ def _fused_loss_sum(model: torch.nn.Module, head: torch.nn.Linear, batch: dict, 
         if seen.calls > 1 or not _expected_input(hidden, mask.shape, module.weight):
             return None
         dtype = compute_dtype(module.weight)
+        rows = None if token_weights is None else token_weights[kept[mask]]
         seen.loss = linear_cross_entropy(hidden[mask], module.weight, module.bias, kept[mask], chunk_tokens,
-                                         softcap, dtype, kernel)
+                                         softcap, dtype, kernel, rows)
         small = hidden[:, :1]  # still attached, so DDP's unused-parameter search sees the whole graph
         if probe:
             planted, seen.expected = _probe(hidden, module.weight, module.bias, softcap, dtype)
@@ -179,7 +210,7 @@ def _fused_loss_sum(model: torch.nn.Module, head: torch.nn.Linear, batch: dict, 
     finally:
         handle.remove()
     if seen.loss is None and seen.calls <= 1:  # the head ran untouched: out.logits are the plain path's
-        return F.cross_entropy(out.logits.float().flatten(0, 1), kept.flatten(), ignore_index=IGNORE, reduction="sum")
+        return _ce_sum(out.logits, kept, token_weights)
     if seen.calls == 1 and (not probe or _probe_matches(out.logits, seen.expected)):
         _CHECKED[head] = True
         # The model's (now tiny) output stays in the graph: FSDP2 / DDP run their backward hooks from it, and
@@ -188,7 +219,7 @@ def _fused_loss_sum(model: torch.nn.Module, head: torch.nn.Linear, batch: dict, 
     # The head ran twice, or the model changes its output in a way head_logits does not: plain from now on.
     _CHECKED[head] = False
     seen.loss = out = None  # drop this forward's graph before the plain one
-    return plain_loss_sum(model, batch)
+    return plain_loss_sum(model, batch, token_weights)
 
 
 @torch.no_grad()
@@ -236,15 +267,20 @@ def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          targets: torch.Tensor, chunk_tokens: int, softcap: float | None = None,
-                         dtype: torch.dtype | None = None, kernel: str = "torch") -> torch.Tensor:
-    """sum_i CE(softcap(hidden_i @ weight.T + bias), targets_i), fp32, ``chunk_tokens`` rows of logits at a time.
+                         dtype: torch.dtype | None = None, kernel: str = "torch",
+                         row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_i w_i CE(softcap(hidden_i @ weight.T + bias), targets_i), fp32, ``chunk_tokens`` rows of logits at a time.
 
-    `hidden` [tokens, d]; `targets` [tokens], all supervised. `dtype`: the matmul dtype (default: the weight's).
+    `hidden` [tokens, d]; `targets` [tokens], all supervised; `row_weights` [tokens] (default 1).
+    `dtype`: the matmul dtype (default: the weight's).
     ``kernel="liger"``: Liger Kernel's Triton implementation (CUDA), which picks its own chunk size and runs the
     matmuls under the caller's autocast; its weight gradient accumulates in fp32, as here.
     """
     if kernel == "liger":
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        if row_weights is not None:
+            raise ValueError("train.token_weights is not supported with train.kernels=liger")
 
         if not torch.is_autocast_enabled(hidden.device.type) and hidden.dtype != weight.dtype:
             hidden = hidden.to(weight.dtype)
@@ -255,8 +291,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     dtype = dtype or weight.dtype
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if not grads:  # validation: the loss alone, no gradient work
-        return LinearCrossEntropy.run(hidden, weight, bias, targets, chunk_tokens, softcap, dtype, (False,) * 3)[0]
-    return LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_tokens, softcap, dtype)
+        return LinearCrossEntropy.run(hidden, weight, bias, targets, chunk_tokens, softcap, dtype, (False,) * 3,
+                                      row_weights)[0]
+    return LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_tokens, softcap, dtype, row_weights)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -264,9 +301,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     scales them by grad_output. No recomputation: the matmuls of a plain forward + backward, no more."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_tokens, softcap, dtype):
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens, softcap, dtype, row_weights=None):
         loss, *ctx.grads = LinearCrossEntropy.run(hidden, weight, bias, targets, chunk_tokens, softcap, dtype,
-                                                  ctx.needs_input_grad[:3])
+                                                  ctx.needs_input_grad[:3], row_weights)
         return loss
 
     @staticmethod
@@ -276,13 +313,13 @@ class LinearCrossEntropy(torch.autograd.Function):
                                "supported; use chunk_tokens=None")
         grads, ctx.grads = ctx.grads, None  # handed over (and scaled in place): autograd can keep them as .grad
         scaled = [None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads]
-        return *scaled, None, None, None, None
+        return *scaled, None, None, None, None, None
 
     @staticmethod
     def run(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-            chunk_tokens: int, softcap: float | None, dtype: torch.dtype,
-            need: tuple[bool, ...]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None,
-                                             torch.Tensor | None]:
+            chunk_tokens: int, softcap: float | None, dtype: torch.dtype, need: tuple[bool, ...],
+            row_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                              torch.Tensor | None, torch.Tensor | None]:
         """(loss, d loss/d hidden, d loss/d weight, d loss/d bias); a gradient is None where `need` says so."""
         with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
             w = weight.detach().to(dtype)  # one cast for all chunks (autocast caches the same one on the plain path)
@@ -293,7 +330,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
             for start in range(0, hidden.shape[0], chunk_tokens):
                 h = hidden[start:start + chunk_tokens].detach().to(dtype)
-                chunk_loss, g = _chunk(h, w, b, targets[start:start + chunk_tokens], softcap, need=any(need))
+                rw = None if row_weights is None else row_weights[start:start + chunk_tokens].float()
+                chunk_loss, g = _chunk(h, w, b, targets[start:start + chunk_tokens], softcap, any(need), rw)
                 loss += chunk_loss
                 if g is None:
                     continue
@@ -310,8 +348,9 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 def _chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor, softcap: float | None,
-           need: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Loss sum of one chunk and d loss / d (pre-cap) logits, fp32, in at most two [chunk, vocab] buffers."""
+           need: bool, rw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Loss sum of one chunk (rows weighted by `rw`) and d loss / d (pre-cap) logits, fp32, in at most two
+    [chunk, vocab] buffers."""
     z = _mm_fp32(h, w.T)
     if b is not None:
         z += b
@@ -325,11 +364,14 @@ def _chunk(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Te
     peak = logits.amax(dim=1, keepdim=True)
     probs = logits.sub_(peak).exp_()  # in place: logits are not needed past this point
     total = probs.sum(dim=1, keepdim=True)
-    loss = (peak.squeeze(1) + total.squeeze(1).log() - target_logit).sum()
+    row_loss = peak.squeeze(1) + total.squeeze(1).log() - target_logit
+    loss = (row_loss if rw is None else row_loss * rw).sum()
     if not need:
         return loss, None
     g = probs.div_(total)  # softmax
     g[rows, y] -= 1
+    if rw is not None:
+        g.mul_(rw[:, None])
     if t is not None:
         g.mul_(t.square_().neg_().add_(1))
     return loss, g

@@ -50,6 +50,12 @@ class Metrics:
         if self.enabled:
             tqdm.write(f"step {step:>5} | val_loss {val_loss:.4f} ({tokens} tokens)")
 
+    def evaluation(self, step: int, samples: int, aggregate: dict[str, float]) -> None:
+        self.write({"step": step, "eval_samples": samples, "eval": aggregate})
+        if self.enabled:
+            shown = " | ".join(f"{k} {v:.4f}" for k, v in aggregate.items())
+            tqdm.write(f"step {step:>5} | eval ({samples} samples) | {shown}")
+
     def count(self, items: list[Encoded | Skipped]) -> None:
         """Count a step's loaded items: Skipped ones by reason (with an example each), shortened ones by how."""
         self.seen += len(items)

@@ -411,6 +411,8 @@ DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
     "llava": ("exact_match", "anls", "rouge_l"),
     "sharegpt": ("exact_match", "anls", "rouge_l"),
     "columns": ("exact_match", "anls", "rouge_l"),
+    # Whole pages in Nemotron-Parse's syntax (text with box and class tokens): character error rate and ROUGE-L.
+    "nemotron_parse": ("cer", "rouge_l", "exact_match"),
 }
 
 

@@ -42,11 +42,13 @@ from vlmtune.checkpoint import (
 )
 from vlmtune.config import Recipe, accumulation_steps, recipe_to_yaml
 from vlmtune.data.dataset import EpochSampler
-from vlmtune.encode import Encoded, EncodedDataset, SampleEncoder, Skipped
+from vlmtune.encode import Encoded, EncodedDataset, Skipped, make_encoder
 from vlmtune.errors import DataError, OutputError, TrainingError
+from vlmtune.evaluate import Evaluator, better, eval_mode, evaluate_in_training, evaluator_for
+from vlmtune.evaluate import write as write_eval
 from vlmtune.families import Family
 from vlmtune.kernels import require_liger, use_liger_norms
-from vlmtune.loss import loss_sum, supervised_count
+from vlmtune.loss import loss_sum, supervised_count, token_weight_table
 from vlmtune.metrics import Metrics
 from vlmtune.model import apply_freeze, autocast_dtype, load_model, pick_device
 from vlmtune.output import hold
@@ -151,6 +153,7 @@ class Engine:
     loss_factor: float  # DDP / FSDP2 average gradients over ranks; the back-propagated loss is scaled to the sum
     chunk_tokens: int | None
     kernel: str
+    token_weights: torch.Tensor | None  # per vocabulary id (train.token_weights), or None
     max_grad_norm: float
     grad_check: GradientCheck
 
@@ -184,6 +187,7 @@ class Session:
     accum: int
     total_steps: int
     sharded: bool  # FSDP2: every rank takes part in the final save
+    evaluator: Evaluator | None  # the recipe's eval section: generation scored during training
 
 
 def finetune(recipe: Recipe) -> Path:
@@ -223,6 +227,7 @@ def setup(recipe: Recipe) -> Session:
         amp=(partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if amp_dtype
              else contextlib.nullcontext),
         loss_factor=grad_scale(strategy, world_size), chunk_tokens=tcfg.loss_chunk_tokens, kernel=tcfg.kernels,
+        token_weights=token_weight_table(processor.tokenizer, tcfg.token_weights, model),
         max_grad_norm=tcfg.max_grad_norm if tcfg.max_grad_norm is not None else float("inf"),
         grad_check=GradientCheck(model, family, enabled=tcfg.check_gradients))
 
@@ -242,7 +247,7 @@ def setup(recipe: Recipe) -> Session:
     elif rank == 0:
         truncate_metrics(metrics.path, 0)  # a fresh run: no lines of an earlier one in this output_dir
     return Session(recipe, out_dir, rank, world_size, processor, family, state, engine, data, ckpts, accum,
-                   total_steps, strategy == "fsdp2")
+                   total_steps, strategy == "fsdp2", evaluator_for(recipe, model, processor, family))
 
 
 def build_model(recipe: Recipe, device: torch.device, rank: int) -> tuple[torch.nn.Module, object, Family, dict]:
@@ -270,7 +275,7 @@ def build_data(recipe: Recipe, processor, family: Family, model: torch.nn.Module
                world_size: int) -> Data:
     """Rows -> conversations -> encoded samples in loader workers, grouped into this rank's micro-batches."""
     tcfg = recipe.train
-    encoder = SampleEncoder(processor, family, tcfg.max_length, tcfg.overlong)
+    encoder = make_encoder(processor, family, tcfg.max_length, tcfg.overlong)
     train_ds = EncodedDataset.of(recipe.data.train, encoder, "data.train",
                                  max_image_pixels=recipe.data.max_image_pixels)
     pad_id = processor.tokenizer.pad_token_id
@@ -330,7 +335,7 @@ def train_step(state: TrainState, e: Engine, batches: list[MicroBatch]) -> StepR
         tensors = to_device(b.tensors, e.device, e.dtype, e.cast_keys)
         with sync_context(e.forward, last=i == len(batches) - 1):
             with e.amp():
-                loss = loss_sum(e.forward, tensors, e.chunk_tokens, e.kernel) / max(global_sup, 1)
+                loss = loss_sum(e.forward, tensors, e.chunk_tokens, e.kernel, e.token_weights) / max(global_sup, 1)
             (loss * e.loss_factor).backward()
         step_loss += float(loss.detach())
     step_loss = sum_over_ranks(step_loss)
@@ -359,8 +364,8 @@ def next_samples(s: Session) -> list[Encoded]:
 def train_loop(s: Session, stop: StopSignals) -> Path | None:
     """Steps until the last one; returns the checkpoint saved when a stop signal came, else None."""
     run, tcfg = s.state.run, s.recipe.train
-    if run.pending_validation:  # stopped by a signal before this validation ran
-        run_validation(s, run.step)
+    if run.pending_validation:  # stopped by a signal before the evaluations due at this step ran
+        run_evaluations(s, run.step)
     run.pending_validation = False
     for step in range(run.step + 1, s.total_steps + 1):
         t0 = time.perf_counter()
@@ -374,13 +379,10 @@ def train_loop(s: Session, stop: StopSignals) -> Path | None:
         if not result.finite:
             check_nonfinite(run, result.loss, result.grad_norm, tcfg.max_bad_steps, s.rank)
 
-        val_due = s.data.val_loader is not None and ((tcfg.val_every_steps and step % tcfg.val_every_steps == 0)
-                                                or step == s.total_steps)
         if sum_over_ranks(float(stop.received is not None)) > 0:  # SIGTERM / SIGINT: save and stop
-            run.pending_validation = bool(val_due)  # the resumed run validates first; the RNG is unaffected
+            run.pending_validation = evaluations_due(s, step)  # the resumed run evaluates first; RNG unaffected
             return s.ckpts.save(s.recipe, s.state)
-        if val_due:
-            run_validation(s, step)
+        run_evaluations(s, step)
         if s.recipe.checkpoint.every_steps and step % s.recipe.checkpoint.every_steps == 0:
             s.ckpts.save(s.recipe, s.state)
     return None
@@ -402,10 +404,46 @@ def log_step(s: Session, result: StepResult, samples: list[Encoded], batches: li
     s.state.metrics.step(record, print_line=run.step % s.recipe.train.log_every_steps == 0 or run.step == 1)
 
 
-def run_validation(s: Session, step: int) -> None:
-    with preserve_rng():  # validation must not move the training RNG streams
-        s.state.run.last_val, n = validate(s)
-    s.state.metrics.validation(step, s.state.run.last_val, n)
+def _due(every: int | None, step: int, last: int) -> bool:
+    return bool(every and step % every == 0) or step == last
+
+
+def evaluations_due(s: Session, step: int) -> bool:
+    val = s.data.val_loader is not None and _due(s.recipe.train.val_every_steps, step, s.total_steps)
+    return val or (s.evaluator is not None and _due(s.recipe.eval.every_steps, step, s.total_steps))
+
+
+def run_evaluations(s: Session, step: int) -> None:
+    """The validation loss and the task evaluation due at `step`; neither moves the training RNG streams."""
+    if s.data.val_loader is not None and _due(s.recipe.train.val_every_steps, step, s.total_steps):
+        with preserve_rng():
+            s.state.run.last_val, n = validate(s)
+        s.state.metrics.validation(step, s.state.run.last_val, n)
+    if s.evaluator is not None and _due(s.recipe.eval.every_steps, step, s.total_steps):
+        with preserve_rng():
+            run_evaluation(s, step)
+
+
+def run_evaluation(s: Session, step: int) -> None:
+    """Generation on the eval split, scored (vlmtune/evaluate.py): ``eval/step-N/`` and a metrics.jsonl line; with
+    ``checkpoint.best`` the model of the best evaluation so far is kept in ``output_dir/best``."""
+    ev, run = s.evaluator, s.state.run
+    with eval_mode(s.state.model):
+        result = evaluate_in_training(ev.generator, ev.dataset, s.recipe.eval, ev.metrics, ev.tags)
+    if result is not None:  # rank 0
+        rows, aggregate = result
+        write_eval(s.out_dir / "eval" / f"step-{step:06d}", rows, aggregate, step)
+        s.state.metrics.evaluation(step, len(rows), aggregate)
+    best = s.recipe.checkpoint.best
+    if best is None:
+        return
+    value = sum_over_ranks(result[1][best.metric] if result is not None else 0.0)  # rank 0's, on every rank
+    if better(value, run.best_value, best.metric, best.mode):
+        run.best_value, run.best_step = value, step
+        save_hf(s.state.model, s.processor, s.out_dir / "best")
+        if s.rank == 0:
+            (s.out_dir / "best" / "best.json").write_text(json.dumps(
+                {"step": step, "metric": best.metric, "value": value}, indent=2) + "\n")
 
 
 @torch.no_grad()
@@ -420,7 +458,7 @@ def validate(s: Session) -> tuple[float, int]:
         for batch in s.data.batcher([it for it in items if isinstance(it, Encoded)]):
             tensors = to_device(batch.tensors, e.device, e.dtype, e.cast_keys)
             with e.amp():
-                total += float(loss_sum(model, tensors, e.chunk_tokens))
+                total += float(loss_sum(model, tensors, e.chunk_tokens, token_weights=e.token_weights))
             count += supervised_count(tensors["labels"])
     model.train()
     total, count = sum_over_ranks(total), int(sum_over_ranks(count))
@@ -512,6 +550,9 @@ def write_summary(s: Session, stopped_by: str | None, saved: Path | None, final:
                "nonfinite_steps": run.nonfinite_steps, "final_model": str(final) if final else None}
     if saved is not None:
         summary.update(stopped_by=stopped_by, checkpoint=str(saved))
+    if run.best_step is not None:
+        summary["best"] = {"step": run.best_step, "metric": s.recipe.checkpoint.best.metric,
+                           "value": run.best_value, "model": str(s.out_dir / "best")}
     if error is not None:
         summary["error"] = error
     clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}

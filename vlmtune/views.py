@@ -29,7 +29,7 @@ def sample_view(sample: Encoded, conversation: list[dict], decode: Callable[[lis
                 thumbnail: int = 0) -> dict:
     """One encoded sample as JSON: its ids and labels, the text as runs of (text, trained?), and its images as
     decoded (size, mean per channel 0-255, a thumbnail when `thumbnail` > 0), before the processor resizes them."""
-    ids, labels = sample.tensors["input_ids"].tolist(), sample.tensors["labels"].tolist()
+    ids, labels = sample.tensors[sample.ids_key].tolist(), sample.tensors["labels"].tolist()
     runs = [[decode(toks), trained] for toks, trained in trained_runs(ids, labels)]
     return {"index": sample.index, "input_ids": ids, "labels": labels, "text": decode(ids), "runs": runs,
             "trained_spans": [text for text, trained in runs if trained],

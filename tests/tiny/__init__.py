@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tiny.common import TinySpec
 
-GROUPS = ("qwen", "gemma", "smolvlm", "llava", "internvl", "llama4", "mistral3", "kimi_vl")
+GROUPS = ("qwen", "gemma", "smolvlm", "llava", "internvl", "llama4", "mistral3", "kimi_vl", "nemotron_parse")
 
 
 def all_specs() -> dict[str, TinySpec]:
@@ -26,6 +26,14 @@ def all_specs() -> dict[str, TinySpec]:
             continue
         specs.update({s.name: s for s in module.SPECS})
     return specs
+
+
+def chat_specs() -> dict[str, TinySpec]:
+    """The specs of chat families (Family.encoding "chat": the generic matrix of tests/test_families.py); the
+    encoder-decoder Nemotron-Parse has its own (tests/test_nemotron_parse_training.py)."""
+    from vlmtune.families import family_for
+
+    return {name: s for name, s in all_specs().items() if family_for(s.model_type).encoding == "chat"}
 
 
 def build(name: str, root: Path) -> Path:

@@ -225,6 +225,24 @@ def _from_caption(row: dict, rec: _Record) -> Conversation:
     return _single_turn(images, s.prompt or CAPTION_PROMPT, row.get(s.text_column))
 
 
+def _from_page(row: dict, rec: _Record) -> Conversation:
+    """A document page for Nemotron-Parse: its target in the model's own output syntax (the text column), or its
+    layout blocks ``[{"bbox": [x0, y0, x1, y1], "class": "Text", "text": "..."}]`` rendered into that syntax, boxes
+    in pixels of the page (``bbox_units: pixels``, the default) or in fractions of it (``normalized``)."""
+    from vlmtune.models.nemotron_parse import syntax
+
+    s = rec.spec
+    image = rec.image(rec.get(row, s.image_column))  # decoded here: pixel boxes are placed by the page's size
+    if row.get("blocks") is not None:
+        try:
+            target = syntax.render_page(_as_list(row["blocks"]), image.size, s.bbox_units)
+        except syntax.NemotronParseSyntaxError as e:
+            raise rec.error("bad_record", f"blocks: {e}; fix the record") from e
+    else:
+        target = rec.get(row, s.text_column)
+    return _single_turn([image], s.prompt or syntax.PROMPT, target)
+
+
 def _from_columns(row: dict, rec: _Record) -> Conversation:
     s = rec.spec
     if row.get(s.question_column) is None:
@@ -297,6 +315,9 @@ FORMATS: tuple[Format, ...] = (
            "answer_column", named_columns=True),
     Format("rdr", _from_caption, lambda s: [[s.image_column, s.text_column]], (), "image, text",
            named_columns=True),
+    Format("nemotron_parse", _from_page, lambda s: [[s.image_column, "blocks"], [s.image_column, s.text_column]],
+           (frozenset({"image", "blocks"}),), "image + blocks [{bbox, class, text}], or image + text in "
+           "Nemotron-Parse's output syntax", named_columns=True),
 )
 FORMAT_NAMES = tuple(f.name for f in FORMATS)
 _BY_NAME = {f.name: f for f in FORMATS}
