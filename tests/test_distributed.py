@@ -68,7 +68,7 @@ def color_data(tmp_path_factory):
 
 
 def tree(model_dir, data_dir, out_dir, peft=None, freeze=None, distributed=None, data_file="train.jsonl",
-         **train) -> dict:
+         eval=None, **train) -> dict:
     train = {"max_steps": 3, "micro_batch_size": 1, "global_batch_size": 4, "lr": 2e-3, "max_length": 128,
              "warmup_steps": 0, **train}
     t = small_recipe(model_dir, data_dir, out_dir, **train)
@@ -79,6 +79,8 @@ def tree(model_dir, data_dir, out_dir, peft=None, freeze=None, distributed=None,
         t["freeze"] = freeze
     if distributed:
         t["distributed"] = distributed
+    if eval:
+        t["eval"] = eval
     return t
 
 
@@ -170,6 +172,7 @@ FULL = {}  # everything trains, the language model's 152k-row embedding included
 FROZEN_LM = {"freeze": {"language_model": True}}  # vision tower + projector train (fast steps)
 ADAPTER = {"peft": LORA, "max_steps": 4}  # 4 steps: checkpoints at 2 and 4 resume on one process
 SETTINGS = {"full": FULL, "lora": ADAPTER}
+EVAL = {"split": "train", "max_samples": 5, "batch_size": 2, "max_new_tokens": 4}
 CKPT = {"every_steps": 2, "keep": 2}
 
 
@@ -215,6 +218,9 @@ def two_ranks(tiny_model_dir, tiny_model, color_data, page_data, tmp_path_factor
         for setting in ("full", "lora"):
             runs[f"kimi_vl-{setting}"] = tree(tiny_model("kimi_vl"), color_data, root / f"kimi_vl-{setting}",
                                               distributed={"strategy": "fsdp2"}, **SETTINGS[setting])
+        # Evaluation during training under FSDP2: each rank generates for its share (5 samples over 2 ranks).
+        runs["fsdp2-eval"] = tree(tiny_model_dir, color_data, root / "fsdp2-eval", max_steps=2, eval=EVAL,
+                                  distributed={"strategy": "fsdp2"}, **FROZEN_LM)
         # Nemotron-Parse (the encoder-decoder family): FSDP2 units over its decoder layers and the RADIO encoder.
         runs["nemotron_parse-full"] = nemotron_tree(tiny_model("nemotron_parse"), page_data,
                                                     root / "nemotron_parse-full", distributed={"strategy": "fsdp2"})
@@ -288,6 +294,23 @@ def test_kimi_vl_fsdp2_two_ranks_match_one_rank(setting, two_ranks, tiny_model, 
     else:
         assert_same_adapter(tmp_path / "one" / "final", out / "final")
         assert any(".mlp.experts.lora_B." in k for k in load_file(out / "final" / "adapter_model.safetensors"))
+
+
+def test_evaluation_on_two_ranks_equals_one_rank(two_ranks, tiny_model_dir, color_data, tmp_path):
+    """Each rank generates for its share of the samples, rank 0 scores the gathered rows: every sample once, and
+    the same predictions and metrics as one process."""
+    one = tmp_path / "one"
+    finetune(build_recipe(tree(tiny_model_dir, color_data, one, max_steps=2, eval=EVAL, **FROZEN_LM)))
+    two = two_ranks.out("fsdp2-eval")
+    assert_same_losses(one, two)
+    rows = {}
+    for out in (one, two):
+        lines = (out / "eval" / "step-000002" / "predictions.jsonl").read_text().splitlines()
+        rows[out] = [json.loads(x) for x in lines]
+    assert [r["index"] for r in rows[two]] == [0, 1, 2, 3, 4]
+    assert [r["prediction"] for r in rows[two]] == [r["prediction"] for r in rows[one]]
+    metrics = [json.loads((out / "eval" / "step-000002" / "metrics.json").read_text()) for out in (one, two)]
+    assert metrics[0]["metrics"] == metrics[1]["metrics"] and metrics[1]["samples"] == 5
 
 
 def test_nemotron_parse_fsdp2_two_ranks_match_one_rank(two_ranks, tiny_model, page_data, tmp_path):

@@ -112,6 +112,7 @@ class RunState:
     pending_validation: bool = False  # stopped by a signal before the validation / evaluation due at `step`
     best_value: float | None = None  # checkpoint.best: the best evaluation so far, and its step
     best_step: int | None = None
+    trackers: dict | None = None  # the trackers' run ids (vlmtune/trackers.py), so a resumed run continues them
 
 
 @dataclass
@@ -248,7 +249,10 @@ def save_hf(model: torch.nn.Module, processor, out: Path, shard_bytes: int = SHA
     layout (as save_pretrained does) and writes safetensors files of about `shard_bytes`, holding at most one
     file's worth of tensors at once; unsharded, rank 0 alone saves."""
     sharded, writer = sharded_weights(model), world()[0] == 0
-    _space_on_every_rank(out.parent, hf_bytes(model), writer)
+    if sharded:
+        _space_on_every_rank(out.parent, hf_bytes(model), writer)
+    elif writer:  # unsharded, the writer alone is here: no collective
+        ensure_space(out.parent, hf_bytes(model))
     tmp = out.with_name(out.name + ".tmp")
     if writer:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -287,8 +291,8 @@ def hf_bytes(model: torch.nn.Module) -> int:
 
 
 def _space_on_every_rank(folder: Path, needed: int, writer: bool) -> None:
-    """The writer checks the disk; every rank learns the answer, so that none starts a collective the writer
-    will not join."""
+    """The writer checks the disk; every rank learns the answer (every rank calls this), so that none starts a
+    collective the writer will not join."""
     problem = None
     if writer:
         try:
@@ -389,12 +393,12 @@ def _flat(tree: object, prefix: str = "") -> dict[str, object]:
 
 # Recipe keys that may change between a run and its resumption without changing what is trained.
 _BOOKKEEPING = ("resume", "output_dir", "checkpoint.", "train.log_every_steps", "train.max_bad_steps",
-                "train.check_gradients", "data.num_workers", "distributed.")
+                "train.check_gradients", "data.num_workers", "distributed.", "logging.", "eval.")
 
 
 # Recipe keys that may change between a run and its resumption without changing what is trained.
 _BOOKKEEPING = ("resume", "output_dir", "checkpoint.", "train.log_every_steps", "train.max_bad_steps",
-                "train.check_gradients", "data.num_workers", "distributed.")
+                "train.check_gradients", "data.num_workers", "distributed.", "logging.", "eval.")
 
 
 def recipe_changes(saved_yaml: str, recipe: Recipe) -> list[str]:

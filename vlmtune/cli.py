@@ -88,6 +88,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from vlmtune.report import build_report
+
+    out = build_report(args.run_dir, args.out, png=args.png)
+    print(f"vlmtune report: {out}" + (" (and PNG plots beside it)" if args.png else ""))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from vlmtune.export import describe, export
 
@@ -165,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
                                       "format's defaults)")
     sp.add_argument("--predictions", help="score this predictions.jsonl again (rows with reference and prediction)")
     sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("report", help="one self-contained HTML page of a run (curves, samples, evaluation)")
+    sp.add_argument("run_dir", help="a run's output_dir")
+    sp.add_argument("--out", help="the HTML file (default: RUN_DIR/report.html)")
+    sp.add_argument("--png", action="store_true", help="also PNG plots of the curves beside it")
+    sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("export", help="write a trained model (or adapter) as a complete Hugging Face folder")
     sp.add_argument("--checkpoint", required=True,

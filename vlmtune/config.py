@@ -221,6 +221,31 @@ class DistributedConfig(_Strict):
     timeout_s: float = Field(default=600.0, gt=0)  # a rank that fails or hangs ends the others after this long
 
 
+class LoggingConfig(_Strict):
+    """Experiment trackers, each through its own library (vlmtune/trackers.py); metrics.jsonl is always written."""
+
+    backends: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(default_factory=list)
+    project: str = "vlmtune"
+    run_name: str | None = None  # None: the output_dir's folder name
+    tags: list[str] = Field(default_factory=list)
+    on_error: Literal["raise", "warn"] = "raise"
+    wandb_mode: Literal["offline", "online"] = "offline"
+    mlflow_tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db
+
+    @field_validator("backends", "tags", mode="before")
+    @classmethod
+    def _name_or_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("backends")
+    @classmethod
+    def _no_repeats(cls, value: list[str]) -> list[str]:
+        repeated = sorted({b for b in value if value.count(b) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(repeated)} listed more than once")
+        return value
+
+
 class Recipe(_Strict):
     output_dir: str = "runs/demo"
     model: ModelConfig
@@ -231,6 +256,7 @@ class Recipe(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig | None = None  # null: no evaluation during training
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     # null: start fresh; "auto": the newest complete checkpoint in output_dir/checkpoints (fresh if none);
     # a path: that checkpoint folder.

@@ -1,4 +1,8 @@
-"""metrics.jsonl, console progress, and the end-of-run summary."""
+"""metrics.jsonl, the experiment trackers, console progress, and the counts of the end-of-run summary.
+
+Progress: in a terminal, one live tqdm line (step / total, ETA, loss, lr, tokens/s, samples skipped so far);
+elsewhere (CI, SLURM logs) a plain line every ``train.log_every_steps`` steps.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +15,17 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vlmtune.encode import Encoded, Skipped
+from vlmtune.trackers import Trackers
 
 
 class Metrics:
-    """One JSON object per line in ``output_dir/metrics.jsonl``; only the writing rank writes."""
+    """One JSON object per line in ``output_dir/metrics.jsonl``, the same numbers to the trackers; only the writing
+    rank writes."""
 
-    def __init__(self, output_dir: Path, total_steps: int, enabled: bool = True, start_step: int = 0):
+    def __init__(self, output_dir: Path, total_steps: int, enabled: bool = True, start_step: int = 0,
+                 trackers: Trackers | None = None):
         self.enabled = enabled
+        self.trackers = trackers
         self.path = output_dir / "metrics.jsonl"
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not enabled or not sys.stderr.isatty(),
                         dynamic_ncols=True, desc="train")
@@ -26,24 +34,29 @@ class Metrics:
         self.shortened: Counter[str] = Counter()  # samples over train.max_length made to fit, by train.overlong
         self.seen = 0
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict, tracked: dict | None = None) -> None:
+        """A line of metrics.jsonl, and `tracked` (default: the record's numbers) to the trackers at its step."""
         if not self.enabled:
             return
         # Strict JSON: a NaN/inf value (a skipped step, see checkpoint.py) is written as null.
         clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with self.path.open("a") as f:
             f.write(json.dumps(clean, allow_nan=False) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(record["step"], tracked if tracked is not None else record)
 
     def step(self, record: dict, print_line: bool) -> None:
         self.write(record)
         if not self.enabled:
             return
+        skipped = sum(self.skipped.values())
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                             tok_s=f"{record['tokens_per_s']:.0f}")
+                             tok_s=f"{record['tokens_per_s']:.0f}", skipped=skipped)
         if print_line and self.bar.disable:
-            print(f"step {record['step']:>5} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-                  f"grad_norm {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s", flush=True)
+            print(f"step {record['step']:>5}/{self.bar.total} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                  f"grad_norm {record['grad_norm']:.3f} | {record['tokens_per_s']:.0f} tok/s | skipped {skipped}",
+                  flush=True)
 
     def validation(self, step: int, val_loss: float, tokens: int) -> None:
         self.write({"step": step, "val_loss": val_loss, "val_tokens": tokens})
@@ -51,7 +64,8 @@ class Metrics:
             tqdm.write(f"step {step:>5} | val_loss {val_loss:.4f} ({tokens} tokens)")
 
     def evaluation(self, step: int, samples: int, aggregate: dict[str, float]) -> None:
-        self.write({"step": step, "eval_samples": samples, "eval": aggregate})
+        self.write({"step": step, "eval_samples": samples, "eval": aggregate},
+                   {"eval_samples": samples, **{f"eval/{k}": v for k, v in aggregate.items()}})
         if self.enabled:
             shown = " | ".join(f"{k} {v:.4f}" for k, v in aggregate.items())
             tqdm.write(f"step {step:>5} | eval ({samples} samples) | {shown}")

@@ -25,6 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from vlmtune.errors import VlmtuneError
+
 MAX_POINTS = 5000  # per series in the page; longer runs are thinned evenly (first and last step kept)
 MAX_PREDICTIONS = 500  # rows of the predictions table
 IMAGE_URL = re.compile(r"data:image/(png|jpeg|webp|gif);base64,[A-Za-z0-9+/=\s]+")
@@ -37,6 +39,10 @@ STEP_CHARTS = [
     ("tokens_per_s", "Throughput", "tokens / s", [("tokens/s", "tokens_per_s")]),
     ("padding_fraction", "Padding", "fraction of tokens", [("padding", "padding_fraction")]),
 ]
+
+
+class ReportError(VlmtuneError, FileNotFoundError):
+    """A folder that is not a run, or a report that is not there."""
 
 
 @dataclass
@@ -123,10 +129,10 @@ def read_run(run_dir: str | Path) -> Run:
     """
     path = Path(run_dir)
     if not path.is_dir():
-        raise FileNotFoundError(f"run folder {str(path)!r} does not exist (give a run's output_dir)")
+        raise ReportError(f"run folder {str(path)!r} does not exist (give a run's output_dir)")
     known = ("metrics.jsonl", "summary.json", "recipe.yaml", "label_samples.jsonl", "eval")
     if not any((path / name).exists() for name in known):
-        raise FileNotFoundError(f"{str(path)!r} holds none of {', '.join(known)}: is it a vlmtune run's output_dir?")
+        raise ReportError(f"{str(path)!r} holds none of {', '.join(known)}: is it a vlmtune run's output_dir?")
     run = Run(path)
     for row in _read_jsonl(path / "metrics.jsonl", run) or []:
         if "eval" in row and isinstance(row["eval"], dict):
@@ -514,7 +520,7 @@ def screenshot(report: str | Path, out_png: str | Path, width: int = 1280) -> Pa
     path = Path(report)
     html_path = build_report(path) if path.is_dir() else path
     if not html_path.is_file():
-        raise FileNotFoundError(f"no report at {str(html_path)!r}")
+        raise ReportError(f"no report at {str(html_path)!r}")
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     with Chromium() as browser:

@@ -46,40 +46,10 @@ import uuid
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
+from vlmtune.config import LoggingConfig
 from vlmtune.errors import VlmtuneError
-
-BackendName = Literal["tensorboard", "wandb", "mlflow", "trackio"]
-
-
-class LoggingConfig(BaseModel):
-    """The ``logging`` section of a recipe (to move into vlmtune/config.py)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    backends: list[BackendName] = Field(default_factory=list)
-    project: str = "vlmtune"
-    run_name: str | None = None  # None: the output_dir's folder name
-    tags: list[str] = Field(default_factory=list)
-    on_error: Literal["raise", "warn"] = "raise"
-    wandb_mode: Literal["offline", "online"] = "offline"
-    mlflow_tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db
-
-    @field_validator("backends", "tags", mode="before")
-    @classmethod
-    def _name_or_list(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("backends")
-    @classmethod
-    def _no_repeats(cls, value: list[str]) -> list[str]:
-        repeated = sorted({b for b in value if value.count(b) > 1})
-        if repeated:
-            raise ValueError(f"{', '.join(repeated)} listed more than once")
-        return value
 
 
 class TrackerError(VlmtuneError, RuntimeError):

@@ -63,6 +63,9 @@ from vlmtune.parallel import (
     world,
 )
 from vlmtune.peft import GradientCheck, apply_lora, param_groups, quantization_config
+from vlmtune.report import build_report
+from vlmtune.trackers import Trackers, flatten, run_environment
+from vlmtune.views import write_label_samples
 
 
 def seed_everything(seed: int) -> None:
@@ -188,6 +191,7 @@ class Session:
     total_steps: int
     sharded: bool  # FSDP2: every rank takes part in the final save
     evaluator: Evaluator | None  # the recipe's eval section: generation scored during training
+    trackers: Trackers
 
 
 def finetune(recipe: Recipe) -> Path:
@@ -196,8 +200,14 @@ def finetune(recipe: Recipe) -> Path:
     with process_group(recipe.distributed.timeout_s, recipe.train.device, recipe.distributed.strategy), \
             hold(recipe.output_dir), StopSignals() as stop:
         s = setup(recipe)
-        saved = train_loop(s, stop)
-        return finish(s, stop.received, saved)
+        try:
+            saved = train_loop(s, stop)
+            final = finish(s, stop.received, saved)
+        except BaseException:
+            s.trackers.close(failed=True)
+            raise
+        s.trackers.close()
+        return final
 
 
 def setup(recipe: Recipe) -> Session:
@@ -211,6 +221,8 @@ def setup(recipe: Recipe) -> Session:
     device = pick_device(tcfg.device)
     if tcfg.kernels == "liger":
         require_liger(device)  # before the model loads: a wrong device or a missing package fails at once
+    trackers = Trackers(recipe.logging, out_dir, enabled=rank == 0)
+    trackers.check()  # before the model loads: a missing package or an unreachable server fails at once
 
     model, processor, family, trainable = build_model(recipe, device, rank)
     strategy = resolve_strategy(recipe.distributed, world_size)
@@ -232,7 +244,7 @@ def setup(recipe: Recipe) -> Session:
         grad_check=GradientCheck(model, family, enabled=tcfg.check_gradients))
 
     start_step = read_state(resume_from)["step"] if resume_from is not None else 0
-    metrics = Metrics(out_dir, total_steps, enabled=rank == 0, start_step=start_step)
+    metrics = Metrics(out_dir, total_steps, enabled=rank == 0, start_step=start_step, trackers=trackers)
     state = TrainState(model, optimizer, scheduler, data.sampler, metrics, RunState())
     if rank == 0:
         (out_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
@@ -246,8 +258,10 @@ def setup(recipe: Recipe) -> Session:
         ckpts.load(resume_from, recipe, state)
     elif rank == 0:
         truncate_metrics(metrics.path, 0)  # a fresh run: no lines of an earlier one in this output_dir
+    trackers.start(flatten(recipe.model_dump(mode="json")), run_environment(device.type, world_size),
+                   resume=state.run.trackers)
     return Session(recipe, out_dir, rank, world_size, processor, family, state, engine, data, ckpts, accum,
-                   total_steps, strategy == "fsdp2", evaluator_for(recipe, model, processor, family))
+                   total_steps, strategy == "fsdp2", evaluator_for(recipe, model, processor, family), trackers)
 
 
 def build_model(recipe: Recipe, device: torch.device, rank: int) -> tuple[torch.nn.Module, object, Family, dict]:
@@ -292,6 +306,8 @@ def build_data(recipe: Recipe, processor, family: Family, model: torch.nn.Module
         val_sampler = EpochSampler(len(val_ds), tcfg.seed, rank, world_size, shuffle=False)
         val_loader = DataLoader(val_ds, sampler=val_sampler, generator=loader_generator(tcfg.seed, -1),
                                 **loader_kwargs(recipe))
+    if rank == 0:  # a few training samples as the model sees them, for the run report
+        write_label_samples(Path(recipe.output_dir) / "label_samples.jsonl", train_ds, processor.tokenizer.decode)
     workers = loader_workers(recipe.data.num_workers)
     if rank == 0 and workers < recipe.data.num_workers:
         print(f"vlmtune: data.num_workers={recipe.data.num_workers} lowered to {workers}: the CPU cores this "
@@ -381,11 +397,16 @@ def train_loop(s: Session, stop: StopSignals) -> Path | None:
 
         if sum_over_ranks(float(stop.received is not None)) > 0:  # SIGTERM / SIGINT: save and stop
             run.pending_validation = evaluations_due(s, step)  # the resumed run evaluates first; RNG unaffected
-            return s.ckpts.save(s.recipe, s.state)
+            return save_checkpoint(s)
         run_evaluations(s, step)
         if s.recipe.checkpoint.every_steps and step % s.recipe.checkpoint.every_steps == 0:
-            s.ckpts.save(s.recipe, s.state)
+            save_checkpoint(s)
     return None
+
+
+def save_checkpoint(s: Session) -> Path:
+    s.state.run.trackers = s.trackers.state(s.state.run.step)  # a resumed run continues the same tracker runs
+    return s.ckpts.save(s.recipe, s.state)
 
 
 def log_step(s: Session, result: StepResult, samples: list[Encoded], batches: list[MicroBatch],
@@ -458,7 +479,7 @@ def validate(s: Session) -> tuple[float, int]:
         for batch in s.data.batcher([it for it in items if isinstance(it, Encoded)]):
             tensors = to_device(batch.tensors, e.device, e.dtype, e.cast_keys)
             with e.amp():
-                total += float(loss_sum(model, tensors, e.chunk_tokens, token_weights=e.token_weights))
+                total += float(loss_sum(model, tensors, e.chunk_tokens, "torch", e.token_weights))
             count += supervised_count(tensors["labels"])
     model.train()
     total, count = sum_over_ranks(total), int(sum_over_ranks(count))
@@ -533,7 +554,7 @@ def save_final(s: Session, final: Path) -> None:
         if s.world_size > 1 and not s.sharded:  # DDP: rank 0 alone saves; a checkpoint would need every rank
             raise
         done = [p for p in s.ckpts.complete() if p.name == f"step-{s.state.run.step:06d}"]
-        ckpt = done[0] if done else s.ckpts.save(s.recipe, s.state)  # may find no room either: then that error
+        ckpt = done[0] if done else save_checkpoint(s)  # may find no room either: then that error
         raise OutputError(f"{e}\n  final/ was not written; the run's last state is the checkpoint {ckpt}: free "
                           f"space, then `vlmtune export --checkpoint {ckpt} --out {final}`") from e
 
@@ -557,3 +578,9 @@ def write_summary(s: Session, stopped_by: str | None, saved: Path | None, final:
         summary["error"] = error
     clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
     (s.out_dir / "summary.json").write_text(json.dumps(clean, indent=2, allow_nan=False) + "\n")
+    s.trackers.summary(clean)
+    try:  # the report is a view of the run's files: it never fails the run
+        print(f"vlmtune: report: {build_report(s.out_dir)}", flush=True)
+    except Exception as e:  # reported; `vlmtune report` can rebuild it
+        print(f"vlmtune: warning: the run report could not be written ({e}); `vlmtune report "
+              f"{s.out_dir}` tries again", flush=True)

@@ -7,10 +7,12 @@
 from __future__ import annotations
 
 import html
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 from vlmtune.data.media import image_summary
-from vlmtune.encode import IGNORE, Encoded, media_of
+from vlmtune.encode import IGNORE, Encoded, EncodedDataset, media_of
 
 
 def trained_runs(ids: list[int], labels: list[int]) -> list[tuple[list[int], bool]]:
@@ -34,6 +36,20 @@ def sample_view(sample: Encoded, conversation: list[dict], decode: Callable[[lis
     return {"index": sample.index, "input_ids": ids, "labels": labels, "text": decode(ids), "runs": runs,
             "trained_spans": [text for text, trained in runs if trained],
             "images": [image_summary(im, thumbnail) for im in media_of(conversation, "image")]}
+
+
+def write_label_samples(path: Path, ds: EncodedDataset, decode: Callable[[list[int]], str], n: int = 3) -> None:
+    """The first `n` usable samples of `ds` as :func:`sample_view` rows (with thumbnails), one JSON per line."""
+    lines = []
+    for index in range(len(ds)):
+        if len(lines) == n:
+            break
+        sample = ds[index]
+        if isinstance(sample, Encoded):
+            view = sample_view(sample, ds.conversations.conversation(index), decode, thumbnail=160)
+            lines.append(json.dumps({k: view[k] for k in ("index", "runs", "images")} | {"split": "train"},
+                                    ensure_ascii=False))
+    path.write_text("".join(line + "\n" for line in lines))
 
 
 def render_text(view: dict) -> str:
