@@ -345,16 +345,16 @@ class StepResult:
 def train_step(state: TrainState, e: Engine, batches: list[MicroBatch]) -> StepResult:
     """One optimizer step over this rank's micro-batches: forward and backward each, check, clip, update.
     A NaN/inf step is skipped: no optimizer or scheduler step, its gradients dropped."""
-    global_sup = sum_over_ranks(sum(supervised_count(b.tensors["labels"]) for b in batches))
-    step_loss = 0.0
+    global_sup = sum_over_ranks(sum(supervised_count(b.tensors["labels"]) for b in batches))  # CPU labels: no sync
+    step_loss = torch.zeros((), dtype=torch.float64, device=e.device)  # read once per step, not per micro-batch
     for i, b in enumerate(batches):
         tensors = to_device(b.tensors, e.device, e.dtype, e.cast_keys)
         with sync_context(e.forward, last=i == len(batches) - 1):
             with e.amp():
                 loss = loss_sum(e.forward, tensors, e.chunk_tokens, e.kernel, e.token_weights) / max(global_sup, 1)
             (loss * e.loss_factor).backward()
-        step_loss += float(loss.detach())
-    step_loss = sum_over_ranks(step_loss)
+        step_loss += loss.detach().double()
+    step_loss = sum_over_ranks(float(step_loss))
     # First step (vision parts: first step with images); then a no-op.
     e.grad_check(state.model, images=any(b.vision_samples for b in batches))
     grad_norm = clip_grad_norm(e.params, e.max_grad_norm)
