@@ -172,7 +172,7 @@ def test_exact_resume_full_finetune(tmp_path, monkeypatch, straight, dropout_mod
     assert sorted(p.name for p in ck.iterdir()) == sorted(
         [COMPLETE, "trainable.safetensors", "optimizer.pt", "rng.pt", "trainer_state.json", "recipe.yaml"])
     state = json.loads((ck / "trainer_state.json").read_text())
-    assert state["step"] == 4 and state["data"] == {"epoch": 1, "offset": 4}  # 16 of 12 samples seen
+    assert state["step"] == 4 and state["data"] == {"epoch": 1, "offset": 4, "size": 12}  # 16 of 12 samples seen
     assert state["metrics"]["seen"] == 16
     saved = load_file(ck / "trainable.safetensors")
     assert len(saved) == state["trainable_tensors"] > 50  # every parameter of the full fine-tune

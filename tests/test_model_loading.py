@@ -40,3 +40,14 @@ def test_options_of_the_processor_itself_still_reach_it(tiny_model_dir):
                                            processor_kwargs={"model_max_length": 123, "max_pixels": 56 * 56}))
     assert processor.tokenizer.model_max_length == 123
     assert processor.image_processor.size.longest_edge == 56 * 56
+
+
+def test_loader_workers_never_exceed_the_cores_of_the_process(monkeypatch):
+    """data.num_workers is lowered to the cores this process may use (its share under torchrun)."""
+    from vlmtune.train import loader_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert [loader_workers(n) for n in (0, 1, 2, 4)] == [0, 1, 2, 2]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert loader_workers(4) == 1

@@ -164,10 +164,7 @@ def to_canvas(bbox: Sequence[float], image_size: Sequence[int] | None, units: Un
         if units != "normalized":
             raise NemotronParseSyntaxError("a box in pixels needs the page's image_size=(width, height)")
         return [float(v) for v in bbox]
-    width, height = image_size
-    new_width, new_height = resized_size(width, height, final_size)
-    left, top = page_offset(width, height, final_size)
-    fx, fy = (new_width, new_height) if units == "normalized" else (new_width / width, new_height / height)
+    left, top, fx, fy = _placement(image_size, units, final_size)
     x0, y0, x1, y1 = bbox
     return [(left + x0 * fx) / final_size[1], (top + y0 * fy) / final_size[0],
             (left + x1 * fx) / final_size[1], (top + y1 * fy) / final_size[0]]
@@ -178,13 +175,19 @@ def from_canvas(bbox: Sequence[float], image_size: Sequence[int] | None, units: 
     """Inverse of :func:`to_canvas` (the official ``transform_bbox_to_original`` for units="pixels")."""
     if image_size is None:
         return [float(v) for v in bbox]
+    left, top, fx, fy = _placement(image_size, units, final_size)
+    x0, y0, x1, y1 = bbox
+    return [(x0 * final_size[1] - left) / fx, (y0 * final_size[0] - top) / fy,
+            (x1 * final_size[1] - left) / fx, (y1 * final_size[0] - top) / fy]
+
+
+def _placement(image_size: Sequence[int], units: Units, final_size: Sequence[int]) -> tuple[float, ...]:
+    """(left, top) of the page on the canvas in pixels, and the page-unit -> canvas-pixel scale (x, y)."""
     width, height = image_size
     new_width, new_height = resized_size(width, height, final_size)
     left, top = page_offset(width, height, final_size)
     fx, fy = (new_width, new_height) if units == "normalized" else (new_width / width, new_height / height)
-    x0, y0, x1, y1 = bbox
-    return [(x0 * final_size[1] - left) / fx, (y0 * final_size[0] - top) / fy,
-            (x1 * final_size[1] - left) / fx, (y1 * final_size[0] - top) / fy]
+    return left, top, fx, fy
 
 
 def _check_box(bbox: Sequence[float]) -> None:
