@@ -1,4 +1,4 @@
-"""Generation: one image + prompt, or a whole data split to JSONL, batched with LEFT padding.
+"""Generation: one image or video + prompt, or a whole data split to JSONL, batched with LEFT padding.
 
 Prompts are the conversation without its final assistant turn, rendered by the processor's own chat template
 with ``add_generation_prompt=True``; the final assistant turn is the reference. Greedy unless a temperature
@@ -21,6 +21,7 @@ import torch
 
 from vlmtune.config import ModelConfig, Recipe, RecipeError
 from vlmtune.data.dataset import ConversationDataset
+from vlmtune.data.video import load_video, resolve_sampling, video_inputs
 from vlmtune.encode import media_of
 from vlmtune.errors import GenerateError, SampleError
 from vlmtune.families import Family
@@ -98,11 +99,12 @@ class Generator:
         texts = [self.prompt(c) for c in conversations]
         # Per sample, nested: some processors (Gemma 3) count images per prompt and reject a flat list.
         per_sample = [media_of(c, "image") for c in conversations]
-        images = per_sample if any(per_sample) else None
+        images = {"images": per_sample} if any(per_sample) else {}
+        videos = video_inputs([v for c in conversations for v in media_of(c, "video")])
         tok = self.processor.tokenizer
         side, tok.padding_side = tok.padding_side, "left"  # generation appends on the right
         try:
-            batch = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+            batch = self.processor(text=texts, **images, **videos, padding=True, return_tensors="pt")
         finally:
             tok.padding_side = side
         return {k: (v.to(self.device).to(self.dtype) if k in self.family.cast_to_model_dtype and v.is_floating_point()
@@ -123,18 +125,33 @@ class Generator:
 
 def generate_one(model_path: str, image: str | None, prompt: str, adapter: str | None = None,
                  max_new_tokens: int = 128, temperature: float = 0.0, device: str = "auto",
-                 model_cfg: ModelConfig | None = None) -> str:
-    """The answer of the model to one image (optional) and a prompt."""
+                 model_cfg: ModelConfig | None = None, video: str | None = None, video_cfg=None) -> str:
+    """The answer of the model to one image and/or video (optional) and a prompt; `video_cfg`: a recipe's
+    ``data.video`` (frame sampling; default: the model's video processor settings)."""
     content: list[dict] = []
     if image is not None:
         if not Path(image).is_file():
             raise GenerateError(f"--image {image!r} does not exist")
         with PIL.Image.open(image) as im:
             content.append({"type": "image", "image": im.convert("RGB")})
-    content.append({"type": "text", "text": prompt})
+    if video is not None and not Path(video).exists():
+        raise GenerateError(f"--video {video!r} does not exist")
     model, processor, family = load_for_inference(model_path, adapter, pick_device(device), model_cfg)
+    if video is not None:
+        content.append({"type": "video", "video": _decode_video(video, processor, video_cfg)})
+    content.append({"type": "text", "text": prompt})
     gen = Generator(model, processor, family, max_new_tokens, temperature)
     return gen([[{"role": "user", "content": content}]])[0]
+
+
+def _decode_video(path: str, processor, video_cfg) -> object:
+    if getattr(processor, "video_processor", None) is None:
+        raise GenerateError(f"--video: the model's processor ({type(processor).__name__}) takes no video")
+    sampling = resolve_sampling(video_cfg, processor.video_processor)
+    try:
+        return load_video(str(Path(path).absolute()), None, 0, sampling)
+    except SampleError as e:
+        raise GenerateError(f"--video {path!r}: {str(e).removeprefix('row 0: ')}") from None
 
 
 def default_model(recipe: Recipe) -> str:
@@ -161,7 +178,8 @@ def generate_split(recipe: Recipe, split: str, out: str | Path, model_path: str 
     model_path = model_path or default_model(recipe)
     print(f"vlmtune generate: model {model_path}" + (f" + adapter {adapter}" if adapter else ""), file=sys.stderr)
     model, processor, family = load_for_inference(model_path, adapter, pick_device(recipe.train.device), recipe.model)
-    ds = ConversationDataset(spec, f"data.{split}", recipe.data.max_image_pixels)
+    ds = ConversationDataset(spec, f"data.{split}", recipe.data.max_image_pixels,
+                             resolve_sampling(recipe.data.video, getattr(processor, "video_processor", None)))
     gen = Generator(model, processor, family, max_new_tokens, temperature)
     n = len(ds) if limit is None else min(limit, len(ds))
     out = Path(out)
