@@ -168,6 +168,11 @@ class SampleEncoder:
         """The processor's output for the rendered conversation, and how it expanded each image and video."""
         text = self.render(conversation)
         images, videos = media_of(conversation, "image"), media_of(conversation, "video")
+        if images and videos and self.family.no_images_with_video:
+            why = self.family.no_images_with_video
+            raise SampleError("images_with_video", f"sample {index}: images and a video in one sample cannot be "
+                                                   f"trained with {self.family.name}: {why}; put them in separate "
+                                                   "samples")
         media = {**({"images": images} if images else {}), **video_inputs(videos)}
         # A template that writes the BOS itself (Gemma, Llama 4) must not get a second one from the tokenizer:
         # the rule of transformers' own apply_chat_template(tokenize=True).
