@@ -398,6 +398,24 @@ def test_qwen2_5_vl_seconds_per_temporal_patch(tiny_model, clips):
     assert enc(conv, 0).tensors["second_per_grid_ts"].tolist() == pytest.approx([2 / sampled_fps])
 
 
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl"])
+def test_packed_videos_give_the_padded_loss(name, tiny_model, clips):
+    """train.packing with videos of 4 and 6 frames in one row: each keeps its own mRoPE time positions (Qwen2.5-VL:
+    from second_per_grid_ts), so the loss equals the padded batch's."""
+    from vlmtune.batching import pack, rope_index_module
+    from vlmtune.loss import loss_sum
+
+    model, processor, family = load_model(ModelConfig(name_or_path=str(tiny_model(name))), torch.device("cpu"))
+    enc = SampleEncoder(processor, family, 4096)
+    items = [enc([{"role": "user", "content": [video_part(load_video(clips["short"], None, 0, VideoSampling(
+        num_frames=n, multiple=2))), {"type": "text", "text": "Q"}]}, answer("A red square.")], 0) for n in (4, 6)]
+    batch = collate(items, processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        padded = loss_sum(model.eval(), batch, None)
+        packed = loss_sum(model, pack(batch, rope_index_module(model)), None)
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # inspect and generate
 
