@@ -209,7 +209,8 @@ class SampleEncoder:
             if length <= self.max_length:
                 return conversation, out, media
             videos = media_of(conversation, "video")
-            new = [_fewer(v, _keep_share(length, self.max_length, media, videos)) for v in videos]
+            share = _keep_share(length, self.max_length, media)
+            new = [_fewer(v, share) for v in videos]
             if not videos or all(len(n) == len(v) for n, v in zip(new, videos, strict=True)):
                 break
             conversation = _with_videos(conversation, new)
@@ -272,7 +273,7 @@ class SampleEncoder:
                 return
 
 
-def _keep_share(length: int, budget: int, media: tuple[dict, ...], videos: list) -> float:
+def _keep_share(length: int, budget: int, media: tuple[dict, ...]) -> float:
     """The share of its frames each video keeps so that the sample would fit, if video tokens scale with frames."""
     video_tokens = sum(m["tokens"] for m in media if m["type"] == "video") or length
     return max(0.0, (video_tokens - (length - budget)) / video_tokens)
