@@ -3,6 +3,7 @@
     python bench/data_path.py                                  # workers 0,1,2,4; micro-batch 2; 800x1200 JPEGs
     python bench/data_path.py --workers 0,2 --batch-sizes 1,2 --samples 128 --out runs/data_path.json
     python bench/data_path.py --model DIR                      # that model folder's processor (and family)
+    python bench/data_path.py --video --workers 0,1,2          # video clips (decode + sampling + video processor)
 
 It iterates the stream the train loop draws from (vlmtune.train.train_stream) for each (num_workers, micro-batch
 size): vlmtune's
@@ -28,6 +29,11 @@ Is the model starved? Compare with a training run's metrics.jsonl:
     that (say 1.5-2x), with cores left for the training process. If not: more data.num_workers (up to the free
     cores), a lower pixel budget (model.processor_kwargs), or images stored at their processed size.
 Numbers depend on the CPU and its load: the table and the JSON (--out) record the core count and load average.
+
+With --video the samples are a messages.jsonl of H.264 clips (default 640x360, 10 s at 30 fps, a moving shape over
+a noisy background), each with a question and an answer; frames are sampled by data.video (default 2 fps: 20
+frames), decoded with PyAV in the workers and processed by the video processor (the shipped Qwen2-VL one: 2-frame
+temporal patches, its per-frame pixel budget). "row -> conversation" is then the video decode.
 """
 
 from __future__ import annotations
@@ -113,16 +119,64 @@ def make_receipts(workdir: Path, n: int, size: tuple[int, int], image_format: st
     return folder
 
 
+def _clip_frame(i: int, size: tuple[int, int], noise: Any) -> Any:
+    import numpy as np
+
+    width, height = size
+    frame = noise.copy()
+    x = (7 * i) % max(1, width - height // 4)
+    frame[height // 3: height // 3 + height // 4, x: x + height // 4] = (230, 40, 40)
+    return np.roll(frame, i % 8, axis=1)
+
+
+def write_clip(path: Path, size: tuple[int, int], seconds: float, fps: int, seed: int) -> Path:
+    """An H.264 clip (MPEG-4 Part 2 where PyAV lacks libx264) of a red square crossing a noisy background."""
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(40, 120, (size[1], size[0], 3), dtype=np.uint8)
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for i in range(round(seconds * fps)):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(_clip_frame(i, size, noise), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def make_clips(workdir: Path, n: int, size: tuple[int, int], seconds: float, fps: int) -> Path:
+    """A messages.jsonl of `n` video questions over `n` clips (reused when already written)."""
+    folder = workdir / f"clips-{size[0]}x{size[1]}-{seconds:g}s-{fps}fps-{n}"
+    data = folder / "messages.jsonl"
+    if data.is_file():
+        return data
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        write_clip(folder / f"clip{i:03d}.mp4", size, seconds, fps, seed=i)
+        lines.append(json.dumps({"messages": [
+            {"role": "user", "content": [{"type": "video", "video": f"clip{i:03d}.mp4"},
+                                         {"type": "text", "text": "Where does the red square go?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": f"From left to right, clip {i}."}]}]}))
+    data.write_text("\n".join(lines) + "\n")
+    return data
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The recipe, the processor and the training loader, through vlmtune's own code
 
 
 def recipe_tree(model_dir: str, data_dir: Path, processor_kwargs: dict, workers: int, batch_size: int,
-                max_length: int, device: str, seed: int = 0) -> dict:
+                max_length: int, device: str, seed: int = 0, video: dict | None = None) -> dict:
+    train = ({"source": str(data_dir), "format": "messages"} if video is not None else
+             {"source": str(data_dir), "format": "cord_v2", "split": "train"})
     return {"output_dir": str(data_dir.parent / "out"),
             "model": {"name_or_path": model_dir, "processor_kwargs": processor_kwargs},
-            "data": {"train": {"source": str(data_dir), "format": "cord_v2", "split": "train"},
-                     "num_workers": workers},
+            "data": {"train": train, "num_workers": workers, **({"video": video} if video is not None else {})},
             "train": {"max_steps": 1, "micro_batch_size": batch_size, "global_batch_size": batch_size,
                       "max_length": max_length, "seed": seed, "device": device}}
 
@@ -208,7 +262,8 @@ def measure_loader(recipe: Recipe, encoder: SampleEncoder, device: torch.device,
     from vlmtune.encode import EncodedDataset
     from vlmtune.train import train_stream
 
-    sampler, loaded = train_stream(EncodedDataset.of(recipe.data.train, encoder, "data.train"), recipe)
+    sampler, loaded = train_stream(EncodedDataset.of(recipe.data.train, encoder, "data.train",
+                                                     video=recipe.data.video), recipe)
     warmup = warmup_rounds * max(1, recipe.data.num_workers)
     cpu_before = cpu_seconds()
     try:
@@ -284,13 +339,15 @@ def timed_encoder(encoder: SampleEncoder, clock: Clock) -> SampleEncoder:
 
 @contextmanager
 def timed_image_processor(processor: Any, clock: Clock) -> Iterator[None]:
-    """Time the image processor inside the processor call (restored afterwards)."""
-    original = processor.image_processor
-    processor.image_processor = Timed(original, "image processor", clock)
+    """Time the image and video processors inside the processor call (restored afterwards)."""
+    parts = {a: getattr(processor, a) for a in ("image_processor", "video_processor") if hasattr(processor, a)}
+    for attr, original in parts.items():
+        setattr(processor, attr, Timed(original, attr.replace("_", " "), clock))
     try:
         yield
     finally:
-        processor.image_processor = original
+        for attr, original in parts.items():
+            setattr(processor, attr, original)
 
 
 def _time_sample(ds: EncodedDataset, encoder: SampleEncoder, index: int, clock: Clock) -> Any:
@@ -301,7 +358,8 @@ def _time_sample(ds: EncodedDataset, encoder: SampleEncoder, index: int, clock: 
     with clock("row"):
         row = convs.rows[index]
     with clock("conversation"):
-        conversation = to_conversation(row, convs.format, convs.spec, convs.base_dir, index)
+        conversation = to_conversation(row, convs.format, convs.spec, convs.base_dir, index,
+                                       video_sampling=convs.video)
     with clock("encode"):
         try:
             return encoder(conversation, index)
@@ -312,10 +370,12 @@ def _time_sample(ds: EncodedDataset, encoder: SampleEncoder, index: int, clock: 
 def _stages(s: dict[str, float], n: int) -> dict[str, float]:
     """Milliseconds per sample by stage from summed seconds `s`, nested stages taken out of their parents."""
     ms = {"row read + image decode (datasets Image feature)": s["row"],
-          "row -> conversation (RGB, target text)": s["conversation"],
+          "row -> conversation (RGB, target text; video decode)": s["conversation"],
           "chat template": s["chat template"],
           "processor: image processor": s["image processor"],
-          "processor: text (tokenize, expand image tokens)": s["processor"] - s["image processor"],
+          "processor: video processor": s["video processor"],
+          "processor: text (tokenize, expand image tokens)": s["processor"] - s["image processor"]
+          - s["video processor"],
           "labels (mark + self-check)": s["labels (mark + self-check)"],
           "encode: rest (tensors)": s["encode"] - s["chat template"] - s["processor"]
           - s["labels (mark + self-check)"],
@@ -329,7 +389,7 @@ def breakdown(recipe: Recipe, encoder: SampleEncoder, n: int, batch_size: int) -
     from vlmtune.batching import collate
     from vlmtune.encode import Encoded, EncodedDataset
 
-    ds = EncodedDataset.of(recipe.data.train, encoder, "data.train")
+    ds = EncodedDataset.of(recipe.data.train, encoder, "data.train", video=recipe.data.video)
     n = min(n, len(ds) - 1)
     clock = Clock()
     with timed_image_processor(encoder.processor, clock):
@@ -378,7 +438,9 @@ def _load(m: dict) -> str:
 
 def markdown(result: dict) -> str:
     inp, bd = result["inputs"], result["breakdown"]
-    lines = [f"Data path: {inp['samples']} receipts {inp['image_size']} {inp['image_format']}, processor "
+    what = (f"{inp['samples']} clips {inp['video']}" if inp.get("video") else
+            f"{inp['samples']} receipts {inp['image_size']} {inp['image_format']}")
+    lines = [f"Data path: {what}, processor "
              f"{inp['processor']} {inp['processor_kwargs']}, {bd['tokens_per_sample']:.0f} tokens/sample "
              f"({bd['image_tokens_per_sample']:.0f} image, {bd['supervised_tokens_per_sample']:.0f} trained); "
              f"loader: {result['loader']}; {result['machine']['usable_cores']} cores, 1-min load average "
@@ -436,6 +498,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="train.device, passed to the loader builder (default auto)")
     p.add_argument("--breakdown-samples", type=int, default=16, help="samples timed per stage (default 16)")
+    p.add_argument("--video", action="store_true", help="video clips instead of receipts (see above)")
+    p.add_argument("--video-size", type=_size, default=(640, 360), help="WxH of the clips (default 640x360)")
+    p.add_argument("--video-seconds", type=float, default=10.0, help="length of a clip (default 10)")
+    p.add_argument("--video-source-fps", type=int, default=30, help="frame rate of the clips (default 30)")
+    p.add_argument("--video-config", type=json.loads, default={"fps": 2.0},
+                   help='data.video as JSON (default {"fps": 2.0})')
     p.add_argument("--workdir", type=Path, default=Path("runs/bench-data-path"), help="where the receipts go")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     return p.parse_args(argv)
@@ -469,11 +537,13 @@ def run(args: argparse.Namespace) -> dict:
 
     at_start = machine()
     model_dir, model_type, kwargs = _inputs(args)
-    data_dir = make_receipts(args.workdir, args.samples, args.image_size, args.image_format)
+    video = args.video_config if args.video else None
+    data_dir = (make_clips(args.workdir, args.samples, args.video_size, args.video_seconds, args.video_source_fps)
+                if args.video else make_receipts(args.workdir, args.samples, args.image_size, args.image_format))
 
     def recipe_for(workers: int, batch_size: int) -> Recipe:
         return build_recipe(recipe_tree(model_dir, data_dir, kwargs, workers, batch_size, args.max_length,
-                                        args.device))
+                                        args.device, video=video))
 
     base = recipe_for(0, args.batch_sizes[0])
     encoder, device = load_encoder(base, model_type), pick_device(base.train.device)
@@ -481,7 +551,9 @@ def run(args: argparse.Namespace) -> dict:
     inputs = {"samples": args.samples, "image_size": "x".join(map(str, args.image_size)),
               "image_format": args.image_format, "data": str(data_dir), "processor": model_dir,
               "family": encoder.family.name, "processor_kwargs": kwargs, "max_length": args.max_length,
-              "device": str(device), "epochs": args.epochs}
+              "device": str(device), "epochs": args.epochs,
+              **({"video": f"{'x'.join(map(str, args.video_size))} {args.video_seconds:g} s at "
+                           f"{args.video_source_fps} fps, data.video {video}"} if args.video else {})}
     bd = breakdown(base, encoder, args.breakdown_samples, args.batch_sizes[0])
     end_load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"inputs": inputs, "loader": "vlmtune.train.train_stream",

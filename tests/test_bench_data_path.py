@@ -40,3 +40,18 @@ def test_data_path_bench_tiny(data_path: ModuleType, tmp_path: Path) -> None:
     stages = result["breakdown"]["ms_per_sample"]
     assert all(ms >= 0 for ms in stages.values()), stages
     assert result["breakdown"]["image_tokens_per_sample"] > 0
+
+
+def test_data_path_bench_video_tiny(data_path: ModuleType, tmp_path: Path) -> None:
+    """--video: clips decoded in the workers and processed by the video processor, timed as a stage of its own."""
+    out = tmp_path / "result.json"
+    data_path.main(["--video", "--samples", "6", "--video-size", "64x48", "--video-seconds", "2",
+                    "--video-source-fps", "6", "--video-config", '{"num_frames": 4}', "--workers", "0,1",
+                    "--batch-sizes", "2", "--breakdown-samples", "2", "--device", "cpu", "--workdir",
+                    str(tmp_path / "data"), "--out", str(out)])
+    result = json.loads(out.read_text())
+    for r in result["loader_runs"]:
+        assert r["samples_per_s"] > 0 and r["skipped"] == 0 and r["samples"] == 6, r
+    stages = result["breakdown"]["ms_per_sample"]
+    assert stages["processor: video processor"] > 0 and stages["processor: image processor"] == 0
+    assert result["breakdown"]["image_tokens_per_sample"] > 0 and "64x48" in result["inputs"]["video"]

@@ -347,7 +347,7 @@ def test_empty_answer(fmt, row):
     ("llava", {"conversations": [{"from": "observation", "value": "x"}]}, "role 'observation'"),
     ("cord_v2", {"image": make_image(5), "ground_truth": "{not json"}, "not valid JSON"),
     ("cord_v2", {"image": make_image(5), "ground_truth": "{}"}, "gt_parse"),
-    ("messages", {"messages": [{"role": "user", "content": [{"type": "video", "path": "a.mp4"}]}]}, "'video'"),
+    ("messages", {"messages": [{"role": "user", "content": [{"type": "audio", "path": "a.wav"}]}]}, "'audio'"),
     ("rdr", {"image": None, "text": "t"}, "'image' is missing"),
 ])
 def test_bad_record(fmt, row, says):
@@ -382,7 +382,7 @@ def test_detect_format_failure_lists_columns_and_formats():
         detect_format(["id", "caption"], where="data.train")
     message = str(info.value)
     assert "['caption', 'id']" in message and "data.train.format" in message
-    for needed in ("cord_v2 (image, ground_truth)", "llava (conversations, image)", "prompt + completion"):
+    for needed in ("cord_v2 (image, ground_truth)", "llava (conversations, image or video", "prompt + completion"):
         assert needed in message
     with pytest.raises(DataError, match="set the data source's format to one of"):
         detect_format([])

@@ -47,7 +47,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if spec is None:
         raise RecipeError("inspect --split validation: the recipe has no data.validation")
     encoder = make_encoder(processor, family, recipe.train.max_length, recipe.train.overlong)
-    ds = EncodedDataset.of(spec, encoder, f"data.{args.split}", max_image_pixels=recipe.data.max_image_pixels)
+    ds = EncodedDataset.of(spec, encoder, f"data.{args.split}", max_image_pixels=recipe.data.max_image_pixels,
+                           video=recipe.data.video)
     if not 0 <= args.index < len(ds):
         raise RecipeError(f"--index {args.index} is out of range: data.{args.split} has {len(ds)} rows")
     item = ds[args.index]
@@ -57,7 +58,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     view = sample_view(item, ds.conversations.conversation(args.index), processor.tokenizer.decode,
                        thumbnail=256 if args.format == "html" else 0)
     if args.format == "json":
-        out = json.dumps({k: view[k] for k in ("input_ids", "labels", "text", "trained_spans", "images")},
+        out = json.dumps({k: view[k] for k in ("input_ids", "labels", "text", "trained_spans", "images", "videos",
+                                               "media")},
                          ensure_ascii=False)
     else:
         out = render_html(view) if args.format == "html" else render_text(view)
@@ -114,8 +116,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise GenerateError(f"{flag} must be >= 1 (got {value})")
     if args.split:
-        if args.prompt is not None or args.image is not None:
-            raise GenerateError("--split generates for a data split, --prompt / --image for one prompt; pick one")
+        if args.prompt is not None or args.image is not None or args.video is not None:
+            raise GenerateError("--split generates for a data split, --prompt / --image / --video for one prompt; "
+                                "pick one")
         if not args.out:
             raise GenerateError("--split needs --out PREDICTIONS.jsonl")
         recipe = recipe_from_args(args)
@@ -129,17 +132,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                                                    if skipped else ""))
         return 0
     if args.prompt is None:
-        raise GenerateError("give --prompt (and --image) for one answer, or --split and --out for a data split")
-    model, model_cfg, device = args.model, None, args.device
+        raise GenerateError("give --prompt (and --image / --video) for one answer, or --split and --out for a data "
+                            "split")
+    model, model_cfg, device, video_cfg = args.model, None, args.device, None
     if model is None:
         if not args.config:
             raise GenerateError("--model is required (or -c RECIPE to use that run's model)")
         recipe = recipe_from_args(args)
         model, model_cfg, device = default_model(recipe), recipe.model, device or recipe.train.device
+        video_cfg = recipe.data.video
     if args.dtype:
         model_cfg = (model_cfg or ModelConfig(name_or_path=model)).model_copy(update={"dtype": args.dtype})
     print(generate_one(model, args.image, args.prompt, args.adapter, args.max_new_tokens, args.temperature,
-                       device or "auto", model_cfg))
+                       device or "auto", model_cfg, args.video, video_cfg))
     return 0
 
 
@@ -192,11 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run the model's own Python code (only this flag turns it on, never a file in the checkpoint)")
     sp.set_defaults(func=cmd_export)
 
-    sp = with_recipe("generate", "answer one image + prompt, or write predictions for a data split (JSONL)")
+    sp = with_recipe("generate", "answer one image / video + prompt, or write predictions for a data split (JSONL)")
     sp.add_argument("--model", help="model folder or hub id, or an adapter folder whose config names its base "
                                     "(default with -c: output_dir/final if it exists, else model.name_or_path)")
     sp.add_argument("--adapter", help="a PEFT adapter folder to load on top of --model")
     sp.add_argument("--image", help="image file (single-prompt mode)")
+    sp.add_argument("--video", help="video file or folder of frames (single-prompt mode; frames sampled as the "
+                                    "recipe's data.video says, else as the model's video processor does)")
     sp.add_argument("--prompt", help="prompt text (single-prompt mode)")
     sp.add_argument("--split", choices=["train", "validation"], help="generate for this data split of the recipe")
     sp.add_argument("--out", help="predictions JSONL (with --split)")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vlmtune.data.formats import FORMAT_NAMES
 from vlmtune.data.media import DEFAULT_MAX_PIXELS
@@ -62,13 +62,35 @@ class DataSource(_Strict):
     answer_column: str = "answer"
 
 
+class VideoConfig(_Strict):
+    """Which frames of each video are decoded (vlmtune/data/video.py). Unset: the model's video processor settings
+    (e.g. Qwen3-VL 2 fps, SmolVLM2 1 fps up to 64 frames), else 8 frames."""
+
+    fps: float | None = Field(default=None, gt=0)  # frames per second of video, spread uniformly
+    num_frames: int | None = Field(default=None, ge=1)  # or exactly this many, spread uniformly
+    max_frames: int | None = Field(default=None, ge=1)  # at most this many
+    start: float | None = Field(default=None, ge=0)  # seconds: only the part of each video from start ...
+    end: float | None = Field(default=None, gt=0)  # ... to end
+
+    @model_validator(mode="after")
+    def _consistent(self) -> VideoConfig:
+        if self.fps is not None and self.num_frames is not None:
+            raise ValueError("set fps (frames per second) or num_frames (frames per video), not both")
+        if self.start is not None and self.end is not None and self.end <= self.start:
+            raise ValueError(f"end ({self.end}) must be after start ({self.start})")
+        if self.num_frames is not None and self.max_frames is not None and self.max_frames < self.num_frames:
+            raise ValueError(f"max_frames ({self.max_frames}) is below num_frames ({self.num_frames}); drop one")
+        return self
+
+
 class DataConfig(_Strict):
     train: DataSource
     validation: DataSource | None = None
     num_workers: int = Field(default=0, ge=0)
     max_bad_fraction: float = Field(default=0.5, ge=0.0, le=1.0)  # stop when more than this is skipped
     # Larger images are skipped and counted (decoding takes 3 bytes a pixel, and more on the way to the processor).
-    max_image_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
+    max_image_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)  # also the cap on a video frame
+    video: VideoConfig = Field(default_factory=VideoConfig)
 
 
 class TrainConfig(_Strict):
@@ -87,7 +109,9 @@ class TrainConfig(_Strict):
     val_every_steps: int | None = Field(default=None, ge=1)
     val_max_batches: int | None = Field(default=None, ge=1)
     max_length: int = Field(default=2048, ge=8)
-    overlong: Literal["drop", "truncate_text"] = "drop"
+    # Over max_length: drop (counted too_long), truncate_text (cut text after the last image or video), or
+    # fewer_frames (sample fewer frames of the sample's videos until it fits).
+    overlong: Literal["drop", "truncate_text", "fewer_frames"] = "drop"
     log_every_steps: int = Field(default=1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # After the first step's backward: every trainable parameter got a gradient, every frozen one none.

@@ -16,6 +16,7 @@ import jinja2
 import torch
 
 from vlmtune.data.dataset import ConversationDataset
+from vlmtune.data.video import Video, fit_multiple, resolve_sampling, video_inputs
 from vlmtune.errors import ModelLoadError, SampleError
 from vlmtune.families import Family
 
@@ -31,6 +32,8 @@ class Encoded:
     seq_keys: tuple[str, ...]  # keys aligned with the token ids (padded in batches); the rest are concatenated
     shortened: str = ""  # how a sample over train.max_length was made to fit (train.overlong), counted in the summary
     ids_key: str = "input_ids"  # the token ids ``labels`` is aligned with (an encoder-decoder's: the decoder's)
+    # Each image and video as the processor expanded it, in order: {"type", "tokens"} (+ "frames" for a video).
+    media: tuple[dict, ...] = ()
 
     @property
     def length(self) -> int:
@@ -111,7 +114,7 @@ class SampleEncoder:
     processor: object
     family: Family
     max_length: int
-    overlong: str = "drop"  # or "truncate_text": cut text after the last image token
+    overlong: str = "drop"  # or "truncate_text": cut text after the last image; "fewer_frames": fewer video frames
     vision_token_ids: frozenset[int] = field(default_factory=frozenset)
 
     def __post_init__(self) -> None:
@@ -146,16 +149,11 @@ class SampleEncoder:
         return self.processor.apply_chat_template(conversation, tokenize=False)
 
     def __call__(self, conversation: list[dict], index: int) -> Encoded:
-        text = self.render(conversation)
-        media = {k + "s": v for k in ("image", "video") if (v := media_of(conversation, k))}
-        # A template that writes the BOS itself (Gemma, Llama 4) must not get a second one from the tokenizer:
-        # the rule of transformers' own apply_chat_template(tokenize=True).
-        bos = getattr(self.processor.tokenizer, "bos_token", None)
-        no_bos = {"add_special_tokens": False} if bos and text.startswith(bos) else {}
-        try:
-            out = self.processor(text=[text], **media, **no_bos, return_tensors="pt")
-        except (ValueError, RuntimeError) as e:  # processors raise these on token/image count mismatches
-            raise SampleError("placeholder_mismatch", f"sample {index}: the processor rejected it: {e}") from e
+        out, media = self.process(conversation, index)
+        shortened = ""
+        if out["input_ids"].shape[1] > self.max_length and self.overlong == "fewer_frames":
+            conversation, out, media = self.fewer_frames(conversation, out, media, index)
+            shortened = self.overlong
         ids = out["input_ids"][0].tolist()
         labels = self.labels(ids, conversation, index)
         length = len(ids)
@@ -163,13 +161,68 @@ class SampleEncoder:
                          if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape == out["input_ids"].shape)
         tensors = {k: (v[0] if k in seq_keys else v) for k, v in out.items() if isinstance(v, torch.Tensor)}
         tensors["labels"] = torch.tensor(labels)
-        shortened = ""
         if length > self.max_length:
             tensors, shortened = self.shorten(tensors, seq_keys, index, length), self.overlong
-        enc = Encoded(index, tensors, (*seq_keys, "labels"), shortened)
+        enc = Encoded(index, tensors, (*seq_keys, "labels"), shortened, media)
         if enc.supervised == 0:
             raise SampleError("no_supervised_tokens", f"sample {index}: no assistant tokens to train on")
         return enc
+
+    def process(self, conversation: list[dict], index: int) -> tuple[dict, tuple[dict, ...]]:
+        """The processor's output for the rendered conversation, and how it expanded each image and video."""
+        text = self.render(conversation)
+        images, videos = media_of(conversation, "image"), media_of(conversation, "video")
+        if images and videos and self.family.no_images_with_video:
+            why = self.family.no_images_with_video
+            raise SampleError("images_with_video", f"sample {index}: images and a video in one sample cannot be "
+                                                   f"trained with {self.family.name}: {why}; put them in separate "
+                                                   "samples")
+        media = {**({"images": images} if images else {}), **video_inputs(videos)}
+        # A template that writes the BOS itself (Gemma, Llama 4) must not get a second one from the tokenizer:
+        # the rule of transformers' own apply_chat_template(tokenize=True).
+        bos = getattr(self.processor.tokenizer, "bos_token", None)
+        no_bos = {"add_special_tokens": False} if bos and text.startswith(bos) else {}
+        try:
+            out = self.processor(text=[text], **media, **no_bos, return_tensors="pt",
+                                 return_text_replacement_offsets=True)
+        except (ValueError, RuntimeError) as e:  # processors raise these on token/image count mismatches
+            raise SampleError("placeholder_mismatch", f"sample {index}: the processor rejected it: {e}") from e
+        return out, self._expansions(out.pop("text_replacement_offsets", None), videos)
+
+    def _expansions(self, offsets, videos: list) -> tuple[dict, ...]:
+        """{"type", "tokens"} per image / video (+ "frames"), from the processor's replacement texts."""
+        if not offsets:
+            return ()
+        frames = iter(videos)
+        tok = self.processor.tokenizer
+        out = []
+        for r in offsets[0]:
+            item = {"type": r["type"], "tokens": len(tok(r["replacement"], add_special_tokens=False)["input_ids"])}
+            if r["type"] == "video":
+                item["frames"] = len(next(frames, ()))
+            out.append(item)
+        return tuple(out)
+
+    def fewer_frames(self, conversation: list[dict], out: dict, media: tuple[dict, ...],
+                     index: int) -> tuple[list[dict], dict, tuple[dict, ...]]:
+        """train.overlong=fewer_frames: the sample's videos with fewer of their frames (spread uniformly, multiples of
+        the temporal patch), fewer each round, until it fits; too_long when one frame per video (one patch) is still
+        too long. Only the frame count changes: never a cut through video tokens."""
+        for _ in range(16):
+            length = out["input_ids"].shape[1]
+            if length <= self.max_length:
+                return conversation, out, media
+            videos = media_of(conversation, "video")
+            share = _keep_share(length, self.max_length, media)
+            new = [_fewer(v, share) for v in videos]
+            if not videos or all(len(n) == len(v) for n, v in zip(new, videos, strict=True)):
+                break
+            conversation = _with_videos(conversation, new)
+            out, media = self.process(conversation, index)
+        frames = ", ".join(str(len(v)) for v in media_of(conversation, "video")) or "no video"
+        raise SampleError("too_long", f"sample {index}: {out['input_ids'].shape[1]} tokens > train.max_length="
+                                      f"{self.max_length} with the fewest frames ({frames}); raise train.max_length, "
+                                      "lower the video resolution (model.processor_kwargs) or shorten the text")
 
     def labels(self, ids: list[int], conversation: list[dict], index: int) -> list[int]:
         spans = assistant_spans(ids, self.start_ids, self.end_ids, self.skip_prefixes)
@@ -204,11 +257,12 @@ class SampleEncoder:
         texts = [self.prompt_text(c) for c in conversations]
         # Per sample, nested: some processors (Gemma 3) count images per prompt and reject a flat list.
         per_sample = [media_of(c, "image") for c in conversations]
-        images = per_sample if any(per_sample) else None
+        images = {"images": per_sample} if any(per_sample) else {}
+        videos = video_inputs([v for c in conversations for v in media_of(c, "video")])
         tok = self.processor.tokenizer
         side, tok.padding_side = tok.padding_side, "left"
         try:
-            batch = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+            batch = self.processor(text=texts, **images, **videos, padding=True, return_tensors="pt")
         finally:
             tok.padding_side = side
         return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
@@ -247,6 +301,29 @@ class SampleEncoder:
             if tail[-k:] == self.end_ids[:k]:
                 cut[n - k:] = IGNORE
                 return
+
+
+def _keep_share(length: int, budget: int, media: tuple[dict, ...]) -> float:
+    """The share of its frames each video keeps so that the sample would fit, if video tokens scale with frames."""
+    video_tokens = sum(m["tokens"] for m in media if m["type"] == "video") or length
+    return max(0.0, (video_tokens - (length - budget)) / video_tokens)
+
+
+def _fewer(video, share: float):
+    """`video` (a decoded Video) with `share` of its frames, at least one frame (one temporal patch) fewer."""
+    if not isinstance(video, Video) or len(video) <= 1:
+        return video
+    step = video.multiple if len(video) >= 2 * video.multiple else 1
+    n = min(int(len(video) * share), len(video) - step)
+    n = fit_multiple(max(n, 1), video.multiple, len(video))
+    return video.fewer(n) if n < len(video) else video
+
+
+def _with_videos(conversation: list[dict], videos: list) -> list[dict]:
+    """A copy of `conversation` whose video parts are `videos`, in order."""
+    it = iter(videos)
+    return [{**m, "content": [{**p, "video": next(it)} if p["type"] == "video" else p for p in m["content"]]}
+            for m in conversation]
 
 
 @dataclass
@@ -342,8 +419,10 @@ class EncodedDataset:
     @classmethod
     def of(cls, spec, encoder: SampleEncoder, where: str, **options) -> EncodedDataset:
         """The encoded samples of data source `spec` (a DataSource; `where`: its key path, for messages;
-        `options`: ConversationDataset's)."""
-        return cls(ConversationDataset(spec, where, **options), encoder)
+        `options`: ConversationDataset's, ``video`` the recipe's ``data.video``, completed by the model's video
+        processor settings)."""
+        video = resolve_sampling(options.pop("video", None), getattr(encoder.processor, "video_processor", None))
+        return cls(ConversationDataset(spec, where, video=video, **options), encoder)
 
     def __len__(self) -> int:
         return len(self.conversations)

@@ -92,6 +92,9 @@ class Family:
     # How a Thinking template's model marks its reasoning before the answer: stripped from predictions before
     # they are scored (vlmtune/evaluate.py).
     think_tags: tuple[str, str] = ("<think>", "</think>")
+    # Whether one sample may hold images and videos together ("" = it may); else why not. Such samples are skipped
+    # and counted (images_with_video); tests/test_video.py notices when the reason goes away.
+    no_images_with_video: str = ""
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -133,6 +136,8 @@ FAMILIES: tuple[Family, ...] = (
            no_adapters=("altup.correction_coefs",),
            notes="system text is merged into the first user turn; the vision tower is a timm MobileNetV5"),
     Family("smolvlm", IDEFICS_PARTS, "\nAssistant:", "<end_of_utterance>", model_types=("smolvlm", "idefics3"),
+           no_images_with_video="SmolVLMProcessor (transformers 5.25) returns images and video frames under one "
+                                "pixel_values key, and the video's replace the images'",
            notes="the answer text starts with a space"),
     # "ASSISTANT:", not " ASSISTANT:": alone, the SentencePiece tokenizer gives the space a token of its own ("▁"),
     # but after a question it joins the word ("▁A"), so the spaced marker would never match in context.

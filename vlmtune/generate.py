@@ -1,4 +1,4 @@
-"""Generation: one image + prompt, or a whole data split to JSONL, batched with LEFT padding.
+"""Generation: one image or video + prompt, or a whole data split to JSONL, batched with LEFT padding.
 
 Prompts are the conversation without its final assistant turn, rendered by the processor's own chat template
 with ``add_generation_prompt=True``; the final assistant turn is the reference. Greedy unless a temperature
@@ -21,6 +21,7 @@ import torch
 from vlmtune.config import ModelConfig, Recipe, RecipeError
 from vlmtune.data.dataset import ConversationDataset
 from vlmtune.data.media import load_image
+from vlmtune.data.video import load_video, resolve_sampling
 from vlmtune.encode import make_encoder, media_of
 from vlmtune.errors import GenerateError, SampleError
 from vlmtune.families import Family
@@ -120,8 +121,9 @@ class Generator:
 
 def generate_one(model_path: str, image: str | None, prompt: str, adapter: str | None = None,
                  max_new_tokens: int = 128, temperature: float = 0.0, device: str = "auto",
-                 model_cfg: ModelConfig | None = None) -> str:
-    """The answer of the model to one image (optional) and a prompt."""
+                 model_cfg: ModelConfig | None = None, video: str | None = None, video_cfg=None) -> str:
+    """The answer of the model to one image and/or video (optional) and a prompt; `video_cfg`: a recipe's
+    ``data.video`` (frame sampling; default: the model's video processor settings)."""
     content: list[dict] = []
     if image is not None:
         if not Path(image).is_file():
@@ -130,10 +132,24 @@ def generate_one(model_path: str, image: str | None, prompt: str, adapter: str |
             content.append({"type": "image", "image": load_image(Path(image).resolve(), None, 0)})
         except SampleError as e:
             raise GenerateError(f"--image {image!r}: {e}") from e
-    content.append({"type": "text", "text": prompt})
+    if video is not None and not Path(video).exists():
+        raise GenerateError(f"--video {video!r} does not exist")
     model, processor, family = load_for_inference(model_path, adapter, pick_device(device), model_cfg)
+    if video is not None:
+        content.append({"type": "video", "video": _decode_video(video, processor, video_cfg)})
+    content.append({"type": "text", "text": prompt})
     gen = Generator(model, processor, family, max_new_tokens, temperature)
     return gen([[{"role": "user", "content": content}]])[0]
+
+
+def _decode_video(path: str, processor, video_cfg) -> object:
+    if getattr(processor, "video_processor", None) is None:
+        raise GenerateError(f"--video: the model's processor ({type(processor).__name__}) takes no video")
+    sampling = resolve_sampling(video_cfg, processor.video_processor)
+    try:
+        return load_video(str(Path(path).absolute()), None, 0, sampling)
+    except SampleError as e:
+        raise GenerateError(f"--video {path!r}: {str(e).removeprefix('row 0: ')}") from None
 
 
 def default_model(recipe: Recipe) -> str:
@@ -205,4 +221,5 @@ def split_model_and_data(recipe: Recipe, split: str, model_path: str | None, ada
     model_path = model_path or default_model(recipe)
     print(f"vlmtune {command}: model {model_path}" + (f" + adapter {adapter}" if adapter else ""), file=sys.stderr)
     model, processor, family = load_for_inference(model_path, adapter, pick_device(recipe.train.device), recipe.model)
-    return model, processor, family, ConversationDataset(spec, f"data.{split}", recipe.data.max_image_pixels)
+    video = resolve_sampling(recipe.data.video, getattr(processor, "video_processor", None))
+    return model, processor, family, ConversationDataset(spec, f"data.{split}", recipe.data.max_image_pixels, video)

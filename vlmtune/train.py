@@ -291,7 +291,7 @@ def build_data(recipe: Recipe, processor, family: Family, model: torch.nn.Module
     tcfg = recipe.train
     encoder = make_encoder(processor, family, tcfg.max_length, tcfg.overlong)
     train_ds = EncodedDataset.of(recipe.data.train, encoder, "data.train",
-                                 max_image_pixels=recipe.data.max_image_pixels)
+                                 max_image_pixels=recipe.data.max_image_pixels, video=recipe.data.video)
     pad_id = processor.tokenizer.pad_token_id
     if pad_id is None:
         pad_id = processor.tokenizer.eos_token_id
@@ -302,7 +302,7 @@ def build_data(recipe: Recipe, processor, family: Family, model: torch.nn.Module
     val_loader = None
     if recipe.data.validation is not None:
         val_ds = EncodedDataset.of(recipe.data.validation, encoder, "data.validation",
-                                   max_image_pixels=recipe.data.max_image_pixels)
+                                   max_image_pixels=recipe.data.max_image_pixels, video=recipe.data.video)
         val_sampler = EpochSampler(len(val_ds), tcfg.seed, rank, world_size, shuffle=False)
         val_loader = DataLoader(val_ds, sampler=val_sampler, generator=loader_generator(tcfg.seed, -1),
                                 **loader_kwargs(recipe))

@@ -104,7 +104,15 @@ def build_qwen2_vl(out: Path) -> Path:
 
 # -------------------------------------------------------------------------------------------------- Qwen2.5-VL
 def build_qwen2_5_vl(out: Path) -> Path:
-    return build_tiny_qwen2_5_vl(out)
+    """The demo's tiny Qwen2.5-VL, its processor saved as the real repos' ``Qwen2_5_VLProcessor`` (the demo keeps the
+    Qwen2-VL processor it shares its files with): only that one gives videos their ``second_per_grid_ts``."""
+    from transformers import AutoProcessor, Qwen2_5_VLProcessor
+
+    build_tiny_qwen2_5_vl(out)
+    p = AutoProcessor.from_pretrained(out)
+    Qwen2_5_VLProcessor(image_processor=p.image_processor, tokenizer=p.tokenizer, video_processor=p.video_processor,
+                        chat_template=p.chat_template).save_pretrained(out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- Qwen3-VL (+MoE)

@@ -11,6 +11,7 @@ from torch.utils.data import Sampler
 from vlmtune.data.formats import Conversation, resolve_format, to_conversation
 from vlmtune.data.media import DEFAULT_MAX_PIXELS
 from vlmtune.data.sources import load_rows
+from vlmtune.data.video import VideoSampling
 
 if TYPE_CHECKING:
     from vlmtune.config import DataSource
@@ -22,8 +23,10 @@ class ConversationDataset:
     Whether a sample is bad is decided by the sample alone, so a run (and a resumed run) skips the same samples.
     """
 
-    def __init__(self, spec: DataSource, where: str, max_image_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, spec: DataSource, where: str, max_image_pixels: int = DEFAULT_MAX_PIXELS,
+                 video: VideoSampling | None = None):
         self.spec, self.where, self.max_image_pixels = spec, where, max_image_pixels
+        self.video = video or VideoSampling()
         self.rows, self.base_dir = load_rows(spec, where)
         self.format = resolve_format(list(self.rows.column_names), spec, where)
 
@@ -31,7 +34,8 @@ class ConversationDataset:
         return len(self.rows)
 
     def conversation(self, index: int) -> Conversation:
-        return to_conversation(self.rows[index], self.format, self.spec, self.base_dir, index, self.max_image_pixels)
+        return to_conversation(self.rows[index], self.format, self.spec, self.base_dir, index, self.max_image_pixels,
+                               self.video)
 
 
 class EpochSampler(Sampler[int]):

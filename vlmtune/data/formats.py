@@ -1,7 +1,8 @@
 """Source formats -> Conversation, the one internal sample shape.
 
 A Conversation is a list of messages ``{"role": "system"|"user"|"assistant", "content": [part, ...]}`` whose
-parts are ``{"type": "text", "text": str}`` or ``{"type": "image", "image": PIL.Image.Image}`` (decoded, RGB).
+parts are ``{"type": "text", "text": str}``, ``{"type": "image", "image": PIL.Image.Image}`` (decoded, RGB) or
+``{"type": "video", "video": vlmtune.data.video.Video}`` (the sampled frames, decoded, and where they come from).
 Each format is one row of :data:`FORMATS` (converter, columns, detection, help); nothing downstream knows which
 format a sample came from.
 """
@@ -11,11 +12,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlmtune.data.media import DEFAULT_MAX_PIXELS, load_image
+from vlmtune.data.video import VideoSampling, load_video
 from vlmtune.errors import DataError, SampleError
 
 if TYPE_CHECKING:  # data/ is handed its DataSource; config imports the format names from here
@@ -24,6 +26,8 @@ if TYPE_CHECKING:  # data/ is handed its DataSource; config imports the format n
 Conversation = list[dict]
 
 IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"
+_MEDIA_TOKENS = re.compile(f"({re.escape(IMAGE_TOKEN)}|{re.escape(VIDEO_TOKEN)})")
 CORD_PROMPT = "Extract the receipt as JSON."
 CAPTION_PROMPT = "Describe this image."
 
@@ -97,6 +101,7 @@ class _Record:
     base_dir: Path | None
     index: int
     max_image_pixels: int = DEFAULT_MAX_PIXELS
+    video_sampling: VideoSampling = field(default_factory=VideoSampling)
 
     def error(self, reason: str, message: str) -> SampleError:
         return SampleError(reason, f"row {self.index}: {message}")
@@ -111,6 +116,10 @@ class _Record:
         root = Path(self.spec.image_root) if self.spec.image_root else self.base_dir
         return load_image(value, root, self.index, self.max_image_pixels)
 
+    def video(self, value: Any, fps: float | None = None):
+        root = Path(self.spec.image_root) if self.spec.image_root else self.base_dir
+        return load_video(value, root, self.index, self.video_sampling, self.max_image_pixels, fps)
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Building blocks shared by the converters
@@ -120,9 +129,9 @@ def _text(text: str) -> dict:
     return {"type": "text", "text": text}
 
 
-def _slot(value: Any = None) -> dict:
-    """An image part; ``image`` holds the raw value until decoding, or None for a placeholder to fill."""
-    return {"type": "image", "image": value}
+def _slot(value: Any = None, kind: str = "image") -> dict:
+    """An image or video part; it holds the raw value until decoding, or None for a placeholder to fill."""
+    return {"type": kind, kind: value}
 
 
 def _as_list(value: Any) -> list:
@@ -131,15 +140,21 @@ def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
-def _split_image_tokens(text: str) -> list[dict]:
-    """``"<image>\\nWhat?"`` -> [placeholder, text "\\nWhat?"]: text is kept exactly, empty pieces dropped."""
+def _split_media_tokens(text: str) -> list[dict]:
+    """``"<image>\\nWhat?"`` -> [placeholder, text "\\nWhat?"] (``<video>`` likewise): text is kept exactly, empty
+    pieces dropped."""
     parts: list[dict] = []
-    for i, piece in enumerate(text.split(IMAGE_TOKEN)):
-        if i:
-            parts.append(_slot())
-        if piece:
+    for piece in _MEDIA_TOKENS.split(text):
+        if piece in (IMAGE_TOKEN, VIDEO_TOKEN):
+            parts.append(_slot(kind="image" if piece == IMAGE_TOKEN else "video"))
+        elif piece:
             parts.append(_text(piece))
     return parts
+
+
+def _first(part: dict, keys: tuple[str, ...]) -> Any:
+    """The first real value among `keys` (parquet structs carry None for absent keys)."""
+    return next((part[k] for k in keys if part.get(k) is not None), None)
 
 
 def _part(part: Any, rec: _Record) -> dict:
@@ -150,12 +165,15 @@ def _part(part: Any, rec: _Record) -> dict:
     kind = part.get("type") or ("text" if part.get("text") is not None else None)
     if kind == "text":
         return _text(part.get("text") or "")
-    if kind == "image":  # parquet structs carry None for absent keys, so look for the first real value
-        return _slot(next((part[k] for k in ("image", "path", "url") if part.get(k) is not None), None))
-    if kind == "image_url":  # OpenAI style: {"type": "image_url", "image_url": {"url": ...}}
-        url = part.get("image_url")
-        return _slot(url.get("url") if isinstance(url, dict) else url)
-    raise rec.error("bad_record", f"content part of type {kind!r} is not supported (only text and image)")
+    if kind in ("image", "video"):
+        slot = _slot(_first(part, (kind, "path", "url")), kind)
+        if kind == "video" and part.get("fps") is not None:  # the frame rate of a list or folder of frames
+            slot["fps"] = part["fps"]
+        return slot
+    if kind in ("image_url", "video_url"):  # OpenAI / vLLM style: {"type": "image_url", "image_url": {"url": ...}}
+        url = part.get(kind)
+        return _slot(url.get("url") if isinstance(url, dict) else url, kind.removesuffix("_url"))
+    raise rec.error("bad_record", f"content part of type {kind!r} is not supported (only text, image and video)")
 
 
 def _message(turn: Any, rec: _Record) -> dict:
@@ -168,25 +186,43 @@ def _message(turn: Any, rec: _Record) -> dict:
         raise rec.error("bad_record", f"role {raw_role!r} is not supported; use one of {sorted(ROLES)}")
     content = turn.get("content") if "content" in turn or "value" not in turn else turn.get("value")
     if isinstance(content, str):
-        return {"role": role, "content": _split_image_tokens(content)}
+        return {"role": role, "content": _split_media_tokens(content)}
     return {"role": role, "content": [_part(p, rec) for p in _as_list(content)]}
 
 
-def _place_images(conv: Conversation, images: list, rec: _Record, *, implicit: bool) -> Conversation:
-    """Fill image placeholders in order; with ``implicit`` and no placeholder at all, images open the first
-    user turn (what LLaVA and TRL do)."""
-    slots = [p for m in conv for p in m["content"] if p["type"] == "image" and p["image"] is None]
+def _place_images(conv: Conversation, images: list, rec: _Record, *, implicit: bool, kind: str = "image") -> (
+        Conversation):
+    """Fill image (or video) placeholders in order; with ``implicit`` and no placeholder at all, the media open the
+    first user turn (what LLaVA and TRL do)."""
+    slots = [p for m in conv for p in m["content"] if p["type"] == kind and p[kind] is None]
     if implicit and not slots and images:
         first_user = next((m for m in conv if m["role"] == "user"), None)
         if first_user is not None:
-            first_user["content"][:0] = [_slot(v) for v in images]
+            first_user["content"][:0] = [_slot(v, kind) for v in images]
             return conv
     if len(slots) != len(images):
+        token = IMAGE_TOKEN if kind == "image" else VIDEO_TOKEN
         raise rec.error("placeholder_mismatch",
-                        f"{len(slots)} image placeholder(s) ({IMAGE_TOKEN} tokens or {{'type': 'image'}} "
-                        f"parts) but {len(images)} image(s); make them match")
+                        f"{len(slots)} {kind} placeholder(s) ({token} tokens or {{'type': '{kind}'}} "
+                        f"parts) but {len(images)} {kind}(s); make them match")
     for slot, value in zip(slots, images, strict=True):
-        slot["image"] = value
+        slot[kind] = value
+    return conv
+
+
+def _place_media(conv: Conversation, row: dict, rec: _Record, images: Any, *, implicit: bool) -> Conversation:
+    """Images from `images`, videos from the row's ``videos`` (or ``video``) field, each into its placeholders."""
+    videos = row.get("videos") if row.get("videos") is not None else row.get("video")
+    conv = _place_images(conv, _as_list(images), rec, implicit=implicit)
+    return _place_images(conv, _as_list(videos), rec, implicit=implicit, kind="video")
+
+
+def _images_as_videos(conv: Conversation) -> Conversation:
+    """LLaVA-Video-178K / LLaVA-NeXT data marks the video of a record that has a ``video`` and no ``image`` with an
+    ``<image>`` token: those placeholders stand for the video."""
+    for message in conv:
+        message["content"] = [_slot(kind="video") if p["type"] == "image" and p["image"] is None else p
+                              for p in message["content"]]
     return conv
 
 
@@ -262,12 +298,15 @@ def _from_messages(row: dict, rec: _Record) -> Conversation:
     else:
         turns = _turns(rec.get(row, "prompt"), "user") + _turns(rec.get(row, "completion"), "assistant")
     images = row.get("images") if row.get("images") is not None else row.get(rec.spec.image_column)
-    return _place_images([_message(t, rec) for t in turns], _as_list(images), rec, implicit=True)
+    return _place_media([_message(t, rec) for t in turns], row, rec, images, implicit=True)
 
 
 def _from_llava(row: dict, rec: _Record) -> Conversation:
     conv = [_message(t, rec) for t in _as_list(rec.get(row, "conversations"))]
-    return _place_images(conv, _as_list(row.get("image")), rec, implicit=True)
+    has_video = row.get("video") is not None or row.get("videos") is not None
+    if has_video and row.get("image") is None and not any(p["type"] == "video" for m in conv for p in m["content"]):
+        conv = _images_as_videos(conv)
+    return _place_media(conv, row, rec, row.get("image"), implicit=True)
 
 
 def _from_sharegpt(row: dict, rec: _Record) -> Conversation:
@@ -275,7 +314,7 @@ def _from_sharegpt(row: dict, rec: _Record) -> Conversation:
     conv = [_message(t, rec) for t in _as_list(turns)]
     if isinstance(row.get("system"), str) and row["system"]:  # LLaMA-Factory's optional system column
         conv.insert(0, {"role": "system", "content": [_text(row["system"])]})
-    return _place_images(conv, _as_list(row.get("images")), rec, implicit=False)
+    return _place_media(conv, row, rec, row.get("images"), implicit=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -303,11 +342,13 @@ FORMATS: tuple[Format, ...] = (
            (frozenset({"image", "ground_truth"}),), "image, ground_truth", named_columns=True),
     Format("messages", _from_messages, _fixed(["messages"], ["prompt", "completion"]),
            (frozenset({"messages"}), frozenset({"prompt", "completion"})),
-           "messages, or prompt + completion; optional images"),
-    Format("llava", _from_llava, _fixed(["conversations"]), (frozenset({"conversations", "image"}),),
-           "conversations, image"),
+           "messages, or prompt + completion; optional images, videos"),
+    Format("llava", _from_llava, _fixed(["conversations"]),
+           (frozenset({"conversations", "image"}), frozenset({"conversations", "video"})),
+           "conversations, image or video (LLaVA-Video: <image> marks the video of a video record)"),
     Format("sharegpt", _from_sharegpt, _fixed(["conversations"], ["messages"]),
-           (frozenset({"conversations", "images"}),), "conversations or messages, images"),
+           (frozenset({"conversations", "images"}), frozenset({"conversations", "videos"})),
+           "conversations or messages, images and/or videos (<image> / <video> tokens)"),
     Format("columns", _from_columns,
            lambda s: [[s.image_column, s.text_column], [s.image_column, s.question_column, s.answer_column]],
            (frozenset({"image", "question", "answer"}), frozenset({"image", "text"})),
@@ -355,18 +396,22 @@ def _finish(conv: Conversation, rec: _Record) -> Conversation:
         for part in message["content"]:
             if part["type"] == "image":
                 part["image"] = rec.image(part["image"])
+            elif part["type"] == "video":
+                part["video"] = rec.video(part["video"], part.pop("fps", None))
     return conv
 
 
 def to_conversation(row: dict, fmt: str, spec: DataSource, base_dir: Path | None, index: int,
-                    max_image_pixels: int = DEFAULT_MAX_PIXELS) -> Conversation:
-    """One record of format ``fmt`` -> a Conversation with decoded RGB images.
+                    max_image_pixels: int = DEFAULT_MAX_PIXELS,
+                    video_sampling: VideoSampling | None = None) -> Conversation:
+    """One record of format ``fmt`` -> a Conversation with decoded RGB images and videos (their frames sampled
+    by `video_sampling`).
 
     Raises SampleError for a bad record and DataError for an unknown format. ``spec.system_prompt`` is
     added only to records that bring no system turn of their own.
     """
     convert = get_format(fmt).convert
-    rec = _Record(spec, base_dir, index, max_image_pixels)
+    rec = _Record(spec, base_dir, index, max_image_pixels, video_sampling or VideoSampling())
     if not isinstance(row, dict):
         raise rec.error("bad_record", f"record is a {type(row).__name__}, not a JSON object")
     return _finish(convert(row, rec), rec)
