@@ -447,3 +447,23 @@ def test_generate_answers_about_a_video(tiny_model, clips, capsys):
     assert main(args) == 0
     assert main([*args[:3], "--video", str(clips["folder"] / "missing.mp4"), *args[5:]]) == 2
     assert "--video" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["llava_next_video", "llava_onevision"])
+def test_videos_of_different_lengths_never_share_a_micro_batch_where_padding_would_be_read(name, tiny_model, clips):
+    """LLaVA-NeXT-Video / OneVision read a zero-padded frame as a frame (Family.uniform_media): the batcher puts
+    videos of 4 and 6 frames into separate micro-batches, and each runs; Qwen, which skips no padding it has not,
+    is unaffected (one micro-batch)."""
+    from vlmtune.batching import Batcher
+    from vlmtune.loss import loss_sum
+
+    model, processor, family = load_model(ModelConfig(name_or_path=str(tiny_model(name))), torch.device("cpu"))
+    enc = SampleEncoder(processor, family, 4096)
+    items = [enc([{"role": "user", "content": [video_part(load_video(clips["short"], None, 0, VideoSampling(
+        num_frames=n))), {"type": "text", "text": "Q"}]}, answer("A red square.")], i) for i, n in enumerate((4, 6, 4))]
+    batches = Batcher(processor.tokenizer.pad_token_id, 3, None, False, None, None, family.uniform_media)(items)
+    assert sorted(b.indices for b in batches) == [[0, 2], [1]]
+    with torch.no_grad():
+        for b in batches:
+            assert torch.isfinite(loss_sum(model.eval(), b.tensors, None))
+    assert len(Batcher(processor.tokenizer.pad_token_id, 3, None, False, None, None, ())(items)) == 1

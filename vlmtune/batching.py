@@ -65,6 +65,14 @@ def _zero_pad_trailing(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return padded
 
 
+def _buckets(samples: list[Encoded], keys: tuple[str, ...]) -> list[list[int]]:
+    """Indices of `samples` by the shapes of `keys` beyond the first dimension (one bucket without keys)."""
+    buckets: dict[tuple, list[int]] = {}
+    for i, s in enumerate(samples):
+        buckets.setdefault(tuple(tuple(s.tensors[k].shape[1:]) if k in s.tensors else None for k in keys), []).append(i)
+    return list(buckets.values())
+
+
 def has_vision(sample: Encoded) -> bool:
     return any(k.startswith(VISION_PREFIX) for k in sample.tensors)
 
@@ -146,9 +154,13 @@ class Batcher:
     packed: bool
     rope: torch.nn.Module | None
     filler: Encoded | None
+    uniform: tuple[str, ...] = ()  # Family.uniform_media: samples whose shapes of these differ never share one
 
     def __call__(self, samples: list[Encoded]) -> list[MicroBatch]:
-        groups = group([s.length for s in samples], self.size, self.budget, self.packed)
+        groups = []
+        for bucket in _buckets(samples, self.uniform):
+            groups += [[bucket[i] for i in g] for g in group([samples[i].length for i in bucket], self.size,
+                                                             self.budget, self.packed)]
         groups = equalize(groups, max_over_ranks(len(groups)))
         out = []
         for g in groups:

@@ -163,7 +163,7 @@ class SampleEncoder:
         tensors["labels"] = torch.tensor(labels)
         if length > self.max_length:
             tensors, shortened = self.shorten(tensors, seq_keys, index, length), self.overlong
-        enc = Encoded(index, tensors, (*seq_keys, "labels"), shortened, media)
+        enc = Encoded(index, tensors, (*seq_keys, "labels"), shortened, media=media)
         if enc.supervised == 0:
             raise SampleError("no_supervised_tokens", f"sample {index}: no assistant tokens to train on")
         return enc

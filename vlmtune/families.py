@@ -95,6 +95,9 @@ class Family:
     # Whether one sample may hold images and videos together ("" = it may); else why not. Such samples are skipped
     # and counted (images_with_video); tests/test_video.py notices when the reason goes away.
     no_images_with_video: str = ""
+    # Tensors the model reads whole, zero padding included (LLaVA-NeXT-Video / OneVision take a padded frame for a
+    # frame): their shapes must agree within a micro-batch, so vlmtune/batching.py groups samples by them.
+    uniform_media: tuple[str, ...] = ()
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -114,7 +117,7 @@ FAMILIES: tuple[Family, ...] = (
     # llava-hf's OneVision template writes "<|im_start|>assistant \n" + answer + "<|im_end|>" (a space, and no newline
     # after <|im_end|>); transformers' conversion script writes the plain ChatML "assistant\n". Both match.
     Family("llava_onevision", LLAVA_NEXT_PARTS, "<|im_start|>assistant", "<|im_end|>", answer_prefixes=(" \n", "\n"),
-           model_types=("llava_onevision",),
+           model_types=("llava_onevision",), uniform_media=("pixel_values_videos",),
            unused_params=("model.vision_tower.post_layernorm", "model.vision_tower.head"),
            feature_layers="model.vision_tower.encoder.layers"),
     # Gemma 3 / 3n: sdpa, not eager: no attention soft-capping (Gemma 2 had it), and the tiny models give the same
@@ -144,6 +147,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("llava", LLAVA_PARTS, "ASSISTANT:", "</s>", append_eos=True, model_types=("llava",),
            **CLIP_FEATURES, notes="the template ends an answer with a space, no EOS"),
     Family("llava_next", LLAVA_NEXT_PARTS, "[/INST]", "</s>", model_types=("llava_next", "llava_next_video"),
+           uniform_media=("pixel_values_videos",),
            **CLIP_FEATURES, notes="markers of the Mistral-based checkpoints (llava-v1.6-mistral, "
                                   "NeXT-Video-7B-32K); the Vicuna, Yi and Llama 3 ones use other templates"),
     # The pixel-shuffle MLP inside the vision model (vision_adapter) maps patches into the projector, like Qwen's

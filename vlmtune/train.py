@@ -297,7 +297,7 @@ def build_data(recipe: Recipe, processor, family: Family, model: torch.nn.Module
         pad_id = processor.tokenizer.eos_token_id
     batcher = Batcher(pad_id, tcfg.micro_batch_size, tcfg.micro_batch_tokens, tcfg.packing,
                       rope_index_module(model) if tcfg.packing else None,
-                      filler_sample(encoder) if world_size > 1 else None)
+                      filler_sample(encoder) if world_size > 1 else None, family.uniform_media)
     sampler, loaded = train_stream(train_ds, recipe, rank, world_size)
     val_loader = None
     if recipe.data.validation is not None:
