@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from vlmtune import scores
-from vlmtune.data.formats import FORMAT_NAMES, json_to_tokens
+from vlmtune.data.formats import FORMAT_NAMES, json_to_tokens, tokens_to_json
 from vlmtune.scores import METRICS, ScoreError, rescore_file, score_rows, strip_thinking
 
 # ---------------------------------------------------------------------------------------------------------
@@ -302,6 +302,36 @@ def test_cord_matches_donut_evaluator(target):
     for name, got in zip(CORD_PAIRS, per_row, strict=True):
         assert (got["cord_ted"], got["cord_f1"]) == pytest.approx(DONUT_VALUES[name], abs=1e-12), name
     assert agg == pytest.approx({"cord_ted": DONUT_MEAN_TED, "cord_f1": DONUT_CORPUS_F1}, abs=1e-12)
+
+
+RECEIPT_A = ("<s_menu><s_nm>Es Jeruk</s_nm><s_cnt>1</s_cnt><s_price>{price}</s_price><sep/><s_nm>Donut</s_nm>"
+             "<s_cnt>1</s_cnt><s_price>20,500</s_price></s_menu><s_sub_total><s_subtotal_price>26,500"
+             "</s_subtotal_price><s_tax_price>2,650</s_tax_price></s_sub_total><s_total><s_total_price>29,150"
+             "</s_total_price></s_total>")
+RECEIPT_B = ("<s_menu><s_nm>Sate</s_nm><s_cnt>1</s_cnt><s_price>12,000</s_price>{sub}</s_menu><s_sub_total>"
+             "<s_subtotal_price>20,000</s_subtotal_price><s_tax_price>2,000</s_tax_price></s_sub_total><s_total>"
+             "<s_total_price>22,000</s_total_price></s_total>")
+
+
+def test_worked_receipt_example_in_docs_metrics():
+    """The numbers docs/metrics.md works through by hand: one price changed, one sub-item dropped, six exact."""
+    price_ref, price_pred = RECEIPT_A.format(price="6,000"), RECEIPT_A.format(price="6,500")
+    sub_ref = RECEIPT_B.format(sub="<s_sub><s_nm>Rice</s_nm><s_price>8,000</s_price></s_sub>")
+    sub_pred = RECEIPT_B.format(sub="")
+    rows = [{"reference": price_ref, "prediction": price_pred}, {"reference": sub_ref, "prediction": sub_pred}]
+    rows += [{"reference": price_ref, "prediction": price_ref}] * 6
+    per_row, run = score_rows(rows, ["cord_ted", "cord_f1", "exact_match"])
+    # Building the first reference costs 59 (30 nodes at 1, 29 leaf characters); the changed price is 1 edit.
+    # Dropping the sub-item removes 13 of the second reference's 53.
+    assert per_row[0]["cord_ted"] == pytest.approx(1 - 1 / 59) and per_row[0]["cord_f1"] == pytest.approx(8 / 9)
+    assert per_row[1]["cord_ted"] == pytest.approx(1 - 13 / 53) and per_row[1]["cord_f1"] == pytest.approx(6 / 7)
+    for (ref, pred), got in zip([(price_ref, price_pred), (sub_ref, sub_pred)], per_row[:2], strict=True):
+        norm_ref, norm_pred = scores._normalize(tokens_to_json(ref)), scores._normalize(tokens_to_json(pred))
+        assert got["cord_ted"] == pytest.approx(ted_accuracy(norm_ref, norm_pred))
+    # Run F1 is micro: 9 + 8 + 6 * 9 reference fields, 2 + 2 of them missed or wrong.
+    assert run["cord_f1"] == pytest.approx(2 * 68 / (2 * 68 + 1 + 1 + 2))
+    assert run["cord_ted"] == pytest.approx((2 - 1 / 59 - 13 / 53 + 6) / 8)
+    assert run["exact_match"] == 0.75
 
 
 def test_cord_ted_against_forest_recursion():

@@ -191,7 +191,9 @@ class SampleEncoder:
 
     def _expansions(self, offsets, videos: list) -> tuple[dict, ...]:
         """{"type", "tokens"} per image / video (+ "frames"), from the processor's replacement texts."""
-        if not offsets:
+        # A sample without media comes back as None, or as an empty (1, 0) tensor where return_tensors="pt"
+        # converted the empty list (InternVL).
+        if offsets is None or len(offsets) == 0 or len(offsets[0]) == 0:
             return ()
         frames = iter(videos)
         tok = self.processor.tokenizer
