@@ -34,7 +34,6 @@ from transformers.modeling_outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     Seq2SeqLMOutput,
 )
-from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.encoder_decoder.modeling_encoder_decoder import shift_tokens_right
 from transformers.models.mbart.modeling_mbart import MBartAttention, MBartDecoderLayer, MBartScaledWordEmbedding
 from transformers.models.radio.modeling_radio import RadioModel
@@ -49,6 +48,14 @@ from vlmtune.models.nemotron_parse.configuration import (
 
 # The neck's strided convolution merges this many neighbouring patches of a row (official: kernel = stride = (1, 4)).
 NECK_COLUMNS = 4
+
+
+def _kept_positions(x: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """The positions of x (batch, sequence, ...) that get logits: the last n (0: all) or the given indices.
+    (transformers 5.25's `slice_logits_to_keep`, which 5.24, the floor of pyproject.toml, does not have.)"""
+    if isinstance(logits_to_keep, int):
+        return x[:, slice(-logits_to_keep, None)]
+    return x[:, logits_to_keep]
 
 
 class NemotronParseTextPreTrainedModel(PreTrainedModel):
@@ -245,10 +252,10 @@ class NemotronParseForConditionalGeneration(NemotronParsePreTrainedModel, Genera
             encoder_hidden_states=encoder_outputs.last_hidden_state, cache=cache,
             inputs_embeds=decoder_inputs_embeds, use_cache=use_cache, **kwargs,
         )
-        logits = self.lm_head(slice_logits_to_keep(decoder_outputs.last_hidden_state, logits_to_keep))
+        logits = self.lm_head(_kept_positions(decoder_outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
-            kept = slice_logits_to_keep(labels.unsqueeze(-1), logits_to_keep).squeeze(-1).contiguous()
+            kept = _kept_positions(labels.unsqueeze(-1), logits_to_keep).squeeze(-1).contiguous()
             loss = self.loss_function(logits=logits, labels=None, vocab_size=logits.shape[-1], shift_labels=kept,
                                       num_items_in_batch=num_items_in_batch)
         return Seq2SeqLMOutput(
