@@ -104,6 +104,12 @@ class TrainConfig(_Strict):
     # RMSNorm (CUDA + `pip install liger-kernel`), applied to the loaded model only (vlmtune/kernels.py).
     # torch: vlmtune's own loss and the model's own modules.
     kernels: Literal["torch", "liger"] = "torch"
+    # varlen: vision towers that attend by window or image (Qwen2-VL ... Qwen3.5, Kimi-VL) and packed text rows run
+    # one variable-length attention call per layer, segment bounds computed on the host (vlmtune/attention.py,
+    # vlmtune/vision.py; exact against stock). stock: transformers' own attention (sdpa per window / image).
+    attention: Literal["varlen", "stock"] = "varlen"
+    # Regional torch.compile of every decoder layer and vision block (vlmtune/compile.py); pays on long runs.
+    compile: bool = False
 
 
 class FreezeConfig(_Strict):
