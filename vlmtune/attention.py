@@ -22,6 +22,8 @@ causal or sliding-window mask, e.g. Llama 4's chunked layers) reads the samples 
 
 from __future__ import annotations
 
+import functools
+import inspect
 from itertools import pairwise
 
 import torch
@@ -40,19 +42,29 @@ PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 # The kernel entry: q, k, v [tokens, heads, dim] + cumulative segment lengths -> [tokens, heads, dim_v]
 
 
-def varlen_kernel_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0) -> bool:
-    """Whether torch's varlen kernel runs this call: CUDA, fp16 / bf16, head dims FlashAttention takes, no dropout."""
+@functools.cache
+def varlen_parameters() -> frozenset[str]:
+    """The keyword parameters of this torch's ``varlen_attn`` (torch 2.10 takes ``is_causal``, 2.11+ ``window_size``,
+    ``scale`` and ``enable_gqa``), or none if it has none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return frozenset()
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def varlen_kernel_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float = 0.0,
+                         window: int | None = None) -> bool:
+    """Whether torch's varlen kernel runs this call: CUDA, fp16 / bf16, head dims FlashAttention takes, no dropout,
+    and a torch whose varlen_attn has what the call needs."""
     if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or dropout > 0:
         return False
     if not (k.dtype == v.dtype == q.dtype) or q.shape[-1] != k.shape[-1] or v.shape[-1] > q.shape[-1]:
         return False
     if q.shape[-1] % 8 or q.shape[-1] > 256 or q.shape[1] % k.shape[1]:
         return False
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401  (torch >= 2.10)
-    except ImportError:
-        return False
-    return True
+    have = varlen_parameters()
+    return bool(have) and (window is None or "window_size" in have)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None, *,
@@ -64,7 +76,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.
     of its segment, itself included (transformers' ``sliding_window``). ``max_seqlen``: the longest segment (or any
     larger bound), given by the caller so that CUDA needs no read-back; computed (one sync) when None.
     """
-    if varlen_kernel_usable(q, k, v, dropout):
+    if varlen_kernel_usable(q, k, v, dropout, window):
         return _cuda_varlen(q, k, v, cu_seqlens, max_seqlen, scale, causal, window)
     return _grouped_sdpa(q, k, v, cu_seqlens, module, scale, causal, window, dropout)
 
@@ -72,15 +84,29 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.
 def _cuda_varlen(q, k, v, cu_seqlens, max_seqlen, scale, causal, window) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
+    have = varlen_parameters()
     if max_seqlen is None:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     dv = v.shape[-1]
-    if dv < q.shape[-1]:  # MLA (DeepSeek-V3 / Mistral 4): value heads narrower than query/key heads
+    if dv < q.shape[-1]:  # MLA (DeepSeek-V3 / Mistral 4): value heads narrower than query / key heads
         v = F.pad(v, (0, q.shape[-1] - dv))
-    left = window - 1 if window is not None else -1
-    out = varlen_attn(q, k, v, cu_seqlens.to(torch.int32), cu_seqlens.to(torch.int32), max_seqlen, max_seqlen,
-                      scale=scale, window_size=(left, 0 if causal else -1), enable_gqa=q.shape[1] != k.shape[1])
-    return out[..., :dv]
+    kwargs = {}
+    if q.shape[1] != k.shape[1]:  # grouped-query attention
+        if "enable_gqa" in have:
+            kwargs["enable_gqa"] = True
+        else:
+            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    if scale is not None:
+        if "scale" in have:
+            kwargs["scale"] = scale
+        else:  # the kernel's own scale is 1/sqrt(D)
+            q = q * (scale * q.shape[-1] ** 0.5)
+    if "window_size" in have:
+        kwargs["window_size"] = (window - 1 if window is not None else -1, 0 if causal else -1)
+    else:
+        kwargs["is_causal"] = causal
+    cu = cu_seqlens.to(torch.int32)
+    return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kwargs)[..., :dv]
 
 
 @torch.compiler.disable  # host-side grouping by length: run eagerly inside a compiled region (train.compile)
