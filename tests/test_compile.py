@@ -74,14 +74,13 @@ def test_compiled_layers_equal_eager_and_do_not_recompile(tiny_model):
 
 
 def test_a_model_without_regions_is_refused():
-    with pytest.raises(KernelError, match="train.compile=false"):
+    with pytest.raises(KernelError, match=r"train\.compile=false"):
         regional.compile_regions(torch.nn.Linear(2, 2))
 
 
 def test_train_compile_runs_through_the_loop(tiny_model_dir, cord_dir, tmp_path, monkeypatch):
     """train.compile=true compiles the loaded model's layers in setup (here with aot_eager) and trains."""
     from conftest import small_recipe
-
     from vlmtune.train import finetune
 
     compiled = []
