@@ -111,33 +111,40 @@ def _cuda_varlen(q, k, v, cu_seqlens, max_seqlen, scale, causal, window) -> torc
 
 @torch.compiler.disable  # host-side grouping by length: run eagerly inside a compiled region (train.compile)
 def _grouped_sdpa(q, k, v, cu_seqlens, module, scale, causal, window, dropout) -> torch.Tensor:
-    """Segments of equal length as one batch through transformers' sdpa: what sdpa per segment computes."""
+    """Segments of equal length as one batch through transformers' sdpa: what sdpa per segment computes.
+
+    The segments are split off as views and stacked per length, and the outputs concatenated back in order: the
+    backward of split / stack / cat moves each gradient once (gathering by index would scatter into a zeroed
+    full-size tensor for every group)."""
     bounds = cu_seqlens.tolist()  # CPU here (or the CUDA fallback: one read-back)
     lengths = [e - s for s, e in pairwise(bounds)]
+    if len(set(lengths)) == 1 and lengths[0] and bounds[-1] == q.shape[0]:  # windows of one size: a view, no copy
+        out, _ = _sdpa(*(t.reshape(len(lengths), lengths[0], *t.shape[1:]) for t in (q, k, v)), module, scale,
+                       causal, window, dropout)
+        return out.reshape(-1, *out.shape[2:])
+    pieces = [torch.split(t[:bounds[-1]], lengths) for t in (q, k, v)]
     groups: dict[int, list[int]] = {}
-    for start, length in zip(bounds, lengths, strict=False):
+    for i, length in enumerate(lengths):
         if length:
-            groups.setdefault(length, []).append(start)
-    outputs, orders = [], []
-    for length, starts in groups.items():
-        if len(groups) == 1 and starts[0] == 0 and bounds[-1] == q.shape[0]:
-            index = None  # every token, in order: a view, no gather
-        else:
-            index = (torch.tensor(starts, device=q.device)[:, None] + torch.arange(length, device=q.device)).flatten()
-        parts = [t if index is None else t.index_select(0, index) for t in (q, k, v)]
-        qb, kb, vb = (t.reshape(len(starts), length, *t.shape[1:]).transpose(1, 2) for t in parts)
-        mask = None
-        if causal and window is not None and length > window:
-            i = torch.arange(length, device=q.device)
-            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
-        out, _ = sdpa_attention_forward(module, qb, kb, vb, mask, dropout=dropout, scaling=scale,
-                                        is_causal=causal and mask is None)
-        outputs.append(out.reshape(-1, *out.shape[2:]))  # [segments x length, Hq, Dv]
-        orders.append(index)
-    if len(outputs) == 1 and orders[0] is None:
-        return outputs[0]
-    out = torch.cat(outputs)
-    return out.new_zeros(q.shape[0], *out.shape[1:]).index_copy(0, torch.cat(orders), out)
+            groups.setdefault(length, []).append(i)
+    outputs: list[torch.Tensor | None] = [None] * len(lengths)
+    for members in groups.values():
+        out, _ = _sdpa(*(torch.stack([p[i] for i in members]) for p in pieces), module, scale, causal, window,
+                       dropout)
+        for i, o in zip(members, out.unbind(0), strict=True):
+            outputs[i] = o
+    return torch.cat([o for o in outputs if o is not None])
+
+
+def _sdpa(q, k, v, module, scale, causal, window, dropout):
+    """sdpa over [segments, length, heads, dim] -> [segments, length, heads, dim_v], by transformers' own."""
+    length = q.shape[1]
+    mask = None
+    if causal and window is not None and length > window:
+        i = torch.arange(length, device=q.device)
+        mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+    return sdpa_attention_forward(module, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask,
+                                  dropout=dropout, scaling=scale, is_causal=causal and mask is None)
 
 
 # ---------------------------------------------------------------------------------------------------------
