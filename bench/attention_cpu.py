@@ -6,11 +6,13 @@
    802,816: 4,056 patches each): transformers' tower (sdpa window by window, ``lengths.tolist()`` per block)
    against ``train.attention=varlen`` (one grouped call per block, inputs computed on the host: that time is
    included).
-2. Language model, forward + backward over one packed row of text samples (1,176 + 430 + 800 + 95 tokens):
-   ``segment_sdpa`` (samples read off transformers' N x N mask) against ``vlmtune_varlen`` (the batcher's bounds).
+2. Language model, forward + backward over text samples of 1,176, 430, 800 and 95 tokens: padded rows, one packed
+   row through ``segment_sdpa`` (samples read off transformers' N x N mask), and through ``vlmtune_varlen`` (the
+   batcher's bounds); CPU seconds, interleaved.
 3. With --compile: regional torch.compile (inductor) of the whole model: the first packed step (compile
    included) and the steady step, against eager.
-Median of --repeats runs after one warm-up; the results agree with the stock path (printed).
+CPU seconds (process time: steadier than wall time on a shared machine), median of --repeats runs after one
+warm-up; the results agree with the stock path (printed).
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ from vlmtune.vision import use_varlen_vision_attention
 
 
 def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
+    """Median CPU seconds (process time, all threads) of `fn` after a warm-up."""
+    fn()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(time.process_time() - t0)
     return statistics.median(times)
 
 
@@ -81,37 +84,57 @@ def vision(model, repeats: int) -> dict:
             "stock_s": timed(run_stock, repeats), "varlen_s": timed(run_varlen, repeats)}
 
 
-def text_row(lengths: list[int], vocab: int) -> dict:
+def text_row(lengths: list[int]) -> dict:
+    """One packed row of text samples as vlmtune's batcher lays it out for Qwen (a text row and 3 mRoPE rows of
+    positions that restart at 0 per sample; a sample's first token no target)."""
     torch.manual_seed(0)
     ids = torch.randint(0, 150_000, (1, sum(lengths)))
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
-    return {"input_ids": ids, "position_ids": positions, "labels": ids.clone()}
+    labels = ids.masked_fill(positions == 0, -100)
+    return {"input_ids": ids, "position_ids": positions[None].expand(4, -1, -1), "labels": labels}
+
+
+def padded_rows(row: dict, lengths: list[int]) -> dict:
+    """The same samples as right-padded rows with an attention mask (no packing)."""
+    ids = torch.full((len(lengths), max(lengths)), 151643)
+    mask = torch.zeros_like(ids)
+    for i, chunk in enumerate(row["input_ids"][0].split(lengths)):
+        ids[i, :len(chunk)], mask[i, :len(chunk)] = chunk, 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
 def text(model_dir: Path, repeats: int) -> dict:
+    """CPU seconds (process time: steadier than wall time on a shared machine) of forward + backward, the three
+    ways interleaved round by round."""
     from vlmtune.config import ModelConfig
     from vlmtune.loss import loss_sum
     from vlmtune.model import load_model
 
     lengths = [1176, 430, 800, 95]
-    models = {}
-    for mode in ("stock", "varlen"):
+    row = text_row(lengths)
+    runs = {}
+    for name, mode, batch in (("padded", None, padded_rows(row, lengths)), ("segment_sdpa", "stock", row),
+                              ("varlen", "varlen", {**row, **packed_row_inputs(row["position_ids"])})):
         model, _, _ = load_model(ModelConfig(name_or_path=str(model_dir)), torch.device("cpu"))
-        setup_attention(model, mode, packed=True)
-        models[mode] = model
-    batch = text_row(lengths, 0)
-    varlen_batch = {**batch, **packed_row_inputs(batch["position_ids"])}
+        if mode:
+            setup_attention(model, mode, packed=True)
+        runs[name] = (model, batch)
 
-    def step(model, b):
+    def step(model, batch) -> float:
         model.zero_grad(set_to_none=True)
-        loss = loss_sum(model, b)
+        loss = loss_sum(model, batch)
         loss.backward()
         return float(loss.detach())
 
-    diff = abs(step(models["stock"], batch) - step(models["varlen"], varlen_batch))
-    return {"lengths": lengths, "loss_difference": diff,
-            "segment_sdpa_s": timed(lambda: step(models["stock"], batch), repeats),
-            "varlen_s": timed(lambda: step(models["varlen"], varlen_batch), repeats)}
+    losses = {name: step(*run) for name, run in runs.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            t0 = time.process_time()
+            step(*run)
+            seconds[name].append(time.process_time() - t0)
+    return {"lengths": lengths, "losses": losses,
+            **{f"{name}_cpu_s": statistics.median(v) for name, v in seconds.items()}}
 
 
 def compiled(model_dir: Path) -> dict:
@@ -126,7 +149,7 @@ def compiled(model_dir: Path) -> dict:
     compile_regions(model)
     out = {"steps_s": [], "eager_s": []}
     for i, lengths in enumerate(([900, 300], [700, 640, 90], [1200, 210], [500, 500, 333])):
-        batch = text_row(lengths, 0)
+        batch = text_row(lengths)
         batch.update(packed_row_inputs(batch["position_ids"]))
         for m, key in ((model, "steps_s"), (eager, "eager_s")):
             t0 = time.perf_counter()
@@ -153,13 +176,14 @@ def main() -> int:
     result = {"threads": torch.get_num_threads(), "torch": torch.__version__}
     result["vision"] = vision(model, args.repeats)
     v = result["vision"]
-    print(f"vision tower, {v['patches']} patches in {v['windows']} windows: stock {v['stock_s']:.3f} s, varlen "
-          f"{v['varlen_s']:.3f} s ({v['stock_s'] / v['varlen_s']:.2f}x); max |difference| "
+    print(f"vision tower, {v['patches']} patches in {v['windows']} windows, CPU s: stock {v['stock_s']:.3f}, varlen "
+          f"{v['varlen_s']:.3f} ({v['stock_s'] / v['varlen_s']:.2f}x); max |difference| "
           f"{v['max_abs_difference']:.1e}", flush=True)
     result["text"] = text(model_dir, args.repeats)
     t = result["text"]
-    print(f"packed text row {t['lengths']}: segment_sdpa {t['segment_sdpa_s']:.3f} s, varlen {t['varlen_s']:.3f} s "
-          f"({t['segment_sdpa_s'] / t['varlen_s']:.2f}x); loss difference {t['loss_difference']:.1e}", flush=True)
+    print(f"text samples {t['lengths']}, CPU s per forward + backward: padded {t['padded_cpu_s']:.2f}, packed with "
+          f"segment_sdpa {t['segment_sdpa_cpu_s']:.2f}, packed with varlen {t['varlen_cpu_s']:.2f}; losses "
+          f"{t['losses']}", flush=True)
     if args.compile:
         result["compile"] = compiled(model_dir)
     if args.out:
