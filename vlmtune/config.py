@@ -108,7 +108,8 @@ class TrainConfig(_Strict):
     # one variable-length attention call per layer, segment bounds computed on the host (vlmtune/attention.py,
     # vlmtune/vision.py; exact against stock). stock: transformers' own attention (sdpa per window / image).
     attention: Literal["varlen", "stock"] = "varlen"
-    # Regional torch.compile of every decoder layer and vision block (vlmtune/compile.py); pays on long runs.
+    # Regional torch.compile of every decoder layer and vision block (vlmtune/compile.py); costs compile time once,
+    # and whether it pays on a GPU is not measured yet (docs/benchmarks.md).
     compile: bool = False
 
 
