@@ -123,6 +123,68 @@ def write_data(folder: Path, n_train: int, seed: int = 0, image_size: tuple[int,
     return write_synthetic_cord(Path(folder), n_train=n_train, n_validation=0, seed=seed, image_size=image_size)
 
 
+# The mixed workload (issue 19): images from 224 x 224 (64 tokens) to 1,280 tokens, answers of 30-400 tokens, one
+# sample in five text-only; unpacked micro-batches of 4 carry 30-50% padding. Images are multiples of 28 pixels (a
+# merged 2 x 2 patch group of Qwen2-VL ... 2.5-VL) below MIXED_PIXELS, so the processor keeps their size.
+MIXED_PIXELS = {"min_pixels": 56 * 56, "max_pixels": 1280 * 28 * 28}
+MIXED_VERSION = 1
+WORD_TEXT = ("the a of and to in is it that for on with as was at by this from be or are an have not but which "
+             "one all they we there can more if about their would so up out what when time new some could them "
+             "two other than then only its also first over after into year like most our work used way many where "
+             "well may even back any good people these through such long because each just those how both made "
+             "part between own same last total price item number date store cash change card paid receipt amount "
+             "tax sub order table name list value small large red blue green left right top bottom line text page "
+             "image photo shows near under color white black light dark shape round square three four five six "
+             "seven eight nine ten")
+WORDS = WORD_TEXT.split()
+
+
+def mixed_sample(rng, index: int) -> dict:
+    """One row of the mixed workload: ``images`` (0 or 1 PIL image) and ``messages`` (user, assistant)."""
+    from PIL import Image, ImageDraw
+
+    answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(30, 400)))
+    if rng.random() < 0.2:  # text only
+        question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 60))) + "?"
+        return {"images": [], "messages": [{"role": "user", "content": question},
+                                           {"role": "assistant", "content": answer}]}
+    tokens = rng.randint(64, 1280)
+    aspect = rng.uniform(0.5, 2.0)
+    rows = max(2, min(40, round((tokens / aspect) ** 0.5)))
+    cols = max(2, min(tokens // rows, 1280 // rows))
+    image = Image.new("RGB", (28 * cols, 28 * rows), tuple(rng.randrange(256) for _ in range(3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(8):
+        x, y = rng.randrange(image.width), rng.randrange(image.height)
+        draw.rectangle((x, y, x + rng.randrange(20, 200), y + rng.randrange(20, 200)),
+                       fill=tuple(rng.randrange(256) for _ in range(3)))
+    question = f"Sample {index}: what does this image show?"
+    return {"images": [image], "messages": [{"role": "user", "content": question},
+                                            {"role": "assistant", "content": answer}]}
+
+
+def write_mixed_data(folder: Path, n_train: int, seed: int = 0) -> Path:
+    """The mixed workload as a ``messages``-format parquet dataset (vlmtune reads it; TRL's conversational vision
+    format too), reused when it exists with the same arguments."""
+    import random
+
+    import datasets
+
+    folder = Path(folder)
+    stamp, data = folder / "mixed_stamp.json", folder / "data" / "train-00000-of-00001.parquet"
+    want = {"version": MIXED_VERSION, "n_train": n_train, "seed": seed}
+    if stamp.is_file() and data.is_file() and json.loads(stamp.read_text()) == want:
+        return folder
+    rng = random.Random(seed)
+    rows = [mixed_sample(rng, i) for i in range(n_train)]
+    turn = {"role": datasets.Value("string"), "content": datasets.Value("string")}
+    features = datasets.Features({"images": datasets.Sequence(datasets.Image()), "messages": [turn]})
+    data.parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features).to_parquet(str(data))
+    stamp.write_text(json.dumps(want))
+    return folder
+
+
 def vlmtune_order(n_rows: int, n_samples: int, seed: int) -> list[int]:
     """The row indices vlmtune's training loop reads, in order (one seeded permutation per epoch)."""
     from vlmtune.data.dataset import EpochSampler
@@ -157,8 +219,13 @@ def peer_rows(data_dir: Path, order: list[int]) -> list[dict]:
 
 def peer_dataset(data_dir: Path, order: list[int], rows: list[dict]):
     """A datasets.Dataset in TRL's conversational vision format ({images, messages}), already in training
-    order, so a sequential sampler reads exactly what vlmtune's sampler reads."""
+    order, so a sequential sampler reads exactly what vlmtune's sampler reads. `rows` empty: the data are
+    already in that format (the mixed workload)."""
     import datasets
+
+    if not rows:
+        src = datasets.load_dataset(str(data_dir), split="train")
+        return src.select(order).add_column("row", list(order))
 
     text = {r["row"]: r for r in rows}
     src = datasets.load_dataset(str(data_dir), split="train")

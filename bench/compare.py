@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--exclude-steps", type=int, default=None,
                    help="first optimizer steps left out of the throughput (default 2; --quick 1)")
+    p.add_argument("--workload", choices=("receipts", "mixed"), default="receipts",
+                   help="receipts (cord-v2 photos, the default) or mixed: images of 64-1,280 tokens, answers of "
+                        "30-400 tokens, one sample in five text-only (micro-batch 4 x 2 unless given)")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
     p.add_argument("--only", default=",".join(PEERS), help="comma-separated subset of vlmtune,trl,trainer")
     p.add_argument("--packing", action="store_true",
@@ -80,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     full = {"steps": 20, "micro_batch_size": 2, "grad_accum": 2, "hidden_size": 256, "layers": 4,
             "vision_hidden": 128, "vision_depth": 4, "exclude_steps": 2, "image_size": "864x1296",
             "max_pixels": 802_816}
+    if args.workload == "mixed":
+        full.update(micro_batch_size=4, grad_accum=2, max_pixels=benchlib.MIXED_PIXELS["max_pixels"])
+        quick.update(micro_batch_size=4, max_pixels=benchlib.MIXED_PIXELS["max_pixels"])
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -107,8 +113,10 @@ def make_spec(args: argparse.Namespace) -> dict:
     n_train = args.steps * global_batch
     tag = f"h{m['hidden_size']}-l{m['layers']}-v{m['vision_hidden']}x{m['vision_depth']}-s{args.seed}"
     width, height = args.image_size
+    data = (f"mixed-n{n_train}-s{args.seed}" if args.workload == "mixed"
+            else f"cord-synthetic-{width}x{height}-n{n_train}-s{args.seed}")
     return {"model": m, "model_dir": str(workdir / "inputs" / f"model-{tag}-p{args.max_pixels}"),
-            "data_dir": str(workdir / "inputs" / f"cord-synthetic-{width}x{height}-n{n_train}-s{args.seed}"),
+            "data_dir": str(workdir / "inputs" / data), "workload": args.workload,
             "image_size": [width, height], "pixels": {"min_pixels": 56 * 56, "max_pixels": args.max_pixels},
             "rows_file": str(workdir / "rows.json"), "workdir": str(workdir / "runs"), "n_train": n_train,
             "steps": args.steps, "micro_batch": args.micro_batch_size, "global_batch": global_batch,
@@ -326,10 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     if "error" in prep:
         return 1
     benchlib.write_json(Path(spec["rows_file"]), {"order": prep["order"], "rows": prep["rows"]})
+    data = (f"{spec['n_train']} mixed samples" if spec["workload"] == "mixed" else
+            f"{spec['n_train']} receipts of {spec['image_size'][0]} x {spec['image_size'][1]}")
     print(f"[bench] model: {prep['model']['parameters'] / 1e6:.1f}M parameters "
-          f"({prep['model']['vision_parameters'] / 1e6:.2f}M vision); {spec['n_train']} receipts of "
-          f"{spec['image_size'][0]} x {spec['image_size'][1]} at max_pixels {spec['pixels']['max_pixels']}",
-          flush=True)
+          f"({prep['model']['vision_parameters'] / 1e6:.2f}M vision); {data} at max_pixels "
+          f"{spec['pixels']['max_pixels']}", flush=True)
 
     order = [p for p in PEERS if p in args.only]
     if args.packing and "vlmtune" in args.only:
@@ -365,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_at_end": os.getloadavg(),
         "settings": {**{k: spec[k] for k in ("model", "steps", "micro_batch", "global_batch", "lr", "warmup",
                                               "min_lr_ratio", "max_grad_norm", "seed", "exclude_steps",
-                                              "n_train", "image_size", "pixels", "max_length")},
+                                              "n_train", "image_size", "pixels", "max_length", "workload")},
                      "grad_accum": args.grad_accum, "parameters": prep["model"], "quick": args.quick},
         "ratio_unpacked": ratio(mine.get("supervised_tokens_per_s"), fastest),
         "ratio_packed": None if packed_reason else ratio(packed.get("supervised_tokens_per_s"), fastest),

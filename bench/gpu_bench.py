@@ -1,22 +1,26 @@
-"""GPU benchmark of vlmtune: a Qwen2.5-VL-3B-sized model (random weights), full fine-tune and LoRA at bf16.
+"""GPU benchmark of vlmtune (issue 19, "Measure it honestly"): a Qwen2.5-VL-3B-sized model (random weights),
+full fine-tune and LoRA at bf16, on the recipes' receipts and on a mixed workload.
 
-    bash bench/gpu.sh [OUT_DIR]            # what to run on a lent H100 / H200 (checks, wheels, then this)
+    bash bench/gpu.sh [OUT_DIR] [options]  # what to run on a lent H100 / H200 (checks, wheels, then this)
     python bench/gpu_bench.py --out DIR    # this script directly
     python bench/gpu_bench.py --smoke      # tiny model on CPU: exercises every code path, numbers meaningless
 
-Needs nothing from the network: the model is built here from the real Qwen2.5-VL-3B-Instruct dimensions
-(below) with random weights and the Qwen processor shipped in vlmtune/assets; the data are vlmtune's synthetic
-cord-v2 receipts. Each run is `vlmtune.train.finetune(build_recipe(tree))` in its own process, so peak GPU memory
-(torch.cuda.max_memory_allocated / reserved) is that run's alone; a run that runs out of memory is retried with
-half the micro-batch (same global batch) while there is time.
+Needs nothing from the network: the model is built here from Qwen2.5-VL-3B-Instruct's dimensions with random
+weights and the Qwen processor shipped in vlmtune/assets; the data are synthetic.
 
-Per run: tokens/s/GPU (non-pad tokens, image tokens included), supervised tokens/s, samples/s, MFU and peak
-memory, over the steps after the first --exclude-steps (the clock runs from the end of step `exclude` to the end
-of the last step, with torch.cuda.synchronize() at each step end). MFU = model FLOPs / time / peak bf16 dense
-FLOP/s of the GPU, with the model FLOPs of each micro-batch counted from its actual shapes (formula in
-docs/benchmarks.md and in `model_flops` below): the vision tower's are included.
+Workloads: ``receipts`` (vlmtune's synthetic cord-v2 receipts at 864 x 1296, read at the recipes' max_pixels
+802,816: 1,014 image tokens, ~1,176 tokens per sample) and ``mixed`` (bench/benchlib.py: images of 64-1,280 tokens,
+answers of 30-400 tokens, one sample in five text-only). Runs: mode (full / LoRA) x workload x batching (packed
+with a token budget, ``micro_batch_tokens`` 4k / 8k / 16k, or padded micro-batches of a fixed count) x
+``train.attention`` (varlen / stock) x ``train.compile`` x ``train.kernels``; each one ``finetune(build_recipe(tree))``
+in its own process (so peak GPU memory is its own), retried with half the budget / micro-batch on out-of-memory.
 
-Packing: the 'on' runs use the recipe key train.packing=true (the micro-batch's samples in one row, no padding).
+Per run, over a timed window (>= --window-s seconds and >= --min-window-steps steps) after --warmup-steps steps and
+one profiled step: median, p10 and p90 step time; tokens/s/GPU (non-pad, image tokens included); supervised
+tokens/s; samples/s; time blocked on data per step (the loop's ``next_samples``); MFU with the vision tower counted
+(``model_flops``) and LLM-only 6 N D (N: the text decoder's and LM head's matmul weights, D: all tokens; what
+LMMs-Engine reports); peak memory; and from the profiled step the GPU-busy fraction and the split of kernel time
+into GEMM, attention, other kernels and idle, with the top kernels in profile-<run>.txt.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -182,6 +188,20 @@ def peak_flops(device_name: str, override_tflops: float | None) -> tuple[float |
 # ---------------------------------------------------------------------------------------------------------
 # Children: prep (model + data) and one vlmtune run
 
+# workload -> how its data are written and read
+RECEIPT_PIXELS = {"min_pixels": 3136, "max_pixels": 802_816}  # recipes/qwen2_5_vl/cord_v2_*.yaml
+
+
+def workload_spec(name: str, workdir: Path, n: int, smoke: bool) -> dict:
+    if name == "receipts":
+        size = [224, 224] if smoke else [864, 1296]
+        return {"data_dir": str(workdir / f"cord-synthetic-{size[0]}x{size[1]}-n{n}"), "format": "cord_v2",
+                "pixels": RECEIPT_PIXELS, "image_size": size, "n": n}
+    if name == "mixed":
+        return {"data_dir": str(workdir / f"mixed-n{n}"), "format": "messages", "pixels": benchlib.MIXED_PIXELS,
+                "n": n}
+    raise ValueError(f"unknown workload {name!r} (receipts or mixed)")
+
 
 def child_prep(spec: dict) -> dict:
     import torch
@@ -218,31 +238,74 @@ def child_prep(spec: dict) -> dict:
     t1 = time.time()
     from vlmtune.data.synthetic import write_synthetic_cord
 
-    write_synthetic_cord(Path(spec["data_dir"]), n_train=spec["n_train"], n_validation=0, seed=spec["seed"],
-                         image_size=tuple(spec["image_size"]))
+    for name, w in spec["workloads"].items():
+        if name == "receipts":
+            write_synthetic_cord(Path(w["data_dir"]), n_train=w["n"], n_validation=0, seed=spec["seed"],
+                                 image_size=tuple(w["image_size"]))
+        else:
+            benchlib.write_mixed_data(Path(w["data_dir"]), w["n"], seed=spec["seed"])
     info["data_s"] = time.time() - t1
     return {"model": info}
 
 
 def recipe_tree(spec: dict, run: dict) -> dict:
-    train = {"max_steps": spec["steps"], "micro_batch_size": run["micro_batch"],
+    work = spec["workloads"][run["workload"]]
+    train = {"max_steps": 100_000, "micro_batch_size": run["micro_batch"],  # the window ends the run, not max_steps
              "global_batch_size": spec["global_batch"], "lr": spec["lr_full"] if run["mode"] == "full"
-             else spec["lr_lora"], "warmup_steps": 2, "schedule": "cosine", "seed": spec["seed"],
-             "max_length": 4096, "log_every_steps": 5, "device": "cpu" if spec["smoke"] else "cuda"}
-    if run["packing"]:
-        train["packing"] = True
+             else spec["lr_lora"], "warmup_steps": 2, "schedule": "constant", "seed": spec["seed"],
+             "max_length": 4096, "log_every_steps": 1, "device": "cpu" if spec["smoke"] else "cuda",
+             "attention": run["attention"], "compile": run["compile"], "packing": run["packing"]}
+    if run.get("budget"):
+        train["micro_batch_tokens"] = run["budget"]
     if run.get("kernels", "torch") != "torch":
         train["kernels"] = run["kernels"]
     tree = {"output_dir": str(Path(spec["workdir"]) / "runs" / run["name"]),
-            "model": {"name_or_path": spec["model_dir"], "dtype": spec["recipe_dtype"]},
-            "data": {"train": {"source": spec["data_dir"], "format": "cord_v2", "split": "train"},
+            "model": {"name_or_path": spec["model_dir"], "dtype": spec["recipe_dtype"],
+                      "processor_kwargs": dict(work["pixels"])},
+            "data": {"train": {"source": work["data_dir"], "format": work["format"], "split": "train"},
                      "num_workers": spec["num_workers"]},
             "train": train}
     if spec.get("attn"):
         tree["model"]["attn_implementation"] = spec["attn"]
     if run["mode"] == "lora":
-        tree["peft"] = {"method": "lora", "r": spec["lora_r"], "alpha": 2 * spec["lora_r"], "dropout": 0.05}
+        tree["peft"] = {"method": "lora", "r": spec["lora_r"], "alpha": 2 * spec["lora_r"],
+                        "dropout": spec["lora_dropout"]}
     return tree
+
+
+class WindowDone(Exception):
+    """Raised from the step hook when the timed window is complete: it ends the run (no final save)."""
+
+
+KERNEL_KINDS = (("gemm", re.compile(r"gemm|cutlass|xmma|nvjet|cublas|sm\d+_.*(?:tn|nt|nn|tt)_|matmul", re.I)),
+                ("attention", re.compile(r"flash|fmha|attention|sdpa|softmax", re.I)),
+                ("memcpy", re.compile(r"memcpy|memset", re.I)))
+
+
+def kernel_kind(name: str) -> str:
+    return next((kind for kind, pattern in KERNEL_KINDS if pattern.search(name)), "other")
+
+
+def profile_summary(prof, wall_s: float, out_file: Path | None) -> dict:
+    """GPU time of one profiled step by kernel kind, and the busy fraction (kernel time / wall time)."""
+    kinds: dict[str, float] = {}
+    top = []
+    for event in prof.key_averages():
+        device_type = getattr(event, "device_type", None)
+        if device_type is None or "CUDA" not in str(device_type):
+            continue
+        us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+        kinds[kernel_kind(event.key)] = kinds.get(kernel_kind(event.key), 0.0) + us / 1e6
+        top.append((us / 1e6, event.count, event.key))
+    busy = sum(kinds.values())
+    if out_file is not None:
+        lines = [f"{sec * 1e3:10.2f} ms  {n:6d} x  {kernel_kind(k):9s} {k[:150]}" for sec, n, k in sorted(top)[::-1]]
+        out_file.write_text(f"one step: {wall_s:.3f} s wall, {busy:.3f} s of kernels\n" + "\n".join(lines[:40]) + "\n")
+    if not kinds:  # no device kernels recorded (CPU)
+        return {"wall_s": wall_s, "kernel_s": None, "gpu_busy": None, "share_of_wall": {}}
+    return {"wall_s": wall_s, "kernel_s": busy, "gpu_busy": busy / wall_s if wall_s else None,
+            "share_of_wall": {**{k: v / wall_s for k, v in kinds.items()}, "idle": max(0.0, 1 - busy / wall_s)}
+            if wall_s else {}}
 
 
 def child_run(spec: dict, run: dict) -> dict:
@@ -256,10 +319,17 @@ def child_run(spec: dict, run: dict) -> dict:
     shutil.rmtree(recipe.output_dir, ignore_errors=True)  # a fresh run: vlmtune refuses one with checkpoints
     cuda = torch.cuda.is_available() and not spec["smoke"]
     batches: list[dict] = []
-    step_ends: list[float] = []
+    ends: list[float] = []  # end of each optimizer step (after a device sync)
+    per_step_batches: list[int] = []  # micro-batches recorded when each step ended
+    waits: list[float] = []  # seconds the loop waited for each step's samples
+    losses: list[float] = []
+    profiled: dict = {}
+    warmup, window_s, min_steps = spec["warmup_steps"], spec["window_s"], spec["min_window_steps"]
+    profile_at = warmup + 1  # this step runs under the profiler; the window starts after it
+    stop_by = run.get("stop_by", float("inf"))
 
-    # Hook 1: every micro-batch as the loop moves it to the device (in this process: collate runs in the
-    # DataLoader workers). Hook 2: a timestamp when the loop hands a finished step to Metrics.step.
+    # Observation hooks (this process only; vlmtune itself is unchanged): each micro-batch as the loop moves it to
+    # the device, the time the loop waits for a step's samples, one profiled step, and a clock at each step's end.
     def to_device(batch, *args, **kwargs):
         if "labels" in batch:
             stats = benchlib.batch_stats(batch)
@@ -269,42 +339,69 @@ def child_run(spec: dict, run: dict) -> dict:
             batches.append(stats)
         return original_to_device(batch, *args, **kwargs)
 
-    original_to_device = vlmtune.train.to_device
-    vlmtune.train.to_device = to_device
-    original_step = vlmtune.metrics.Metrics.step
+    def next_samples(*args, **kwargs):
+        t0 = benchlib.now()
+        out = original_next_samples(*args, **kwargs)
+        waits.append(benchlib.now() - t0)
+        return out
 
-    def timed_step(self, *args, **kwargs):
+    def train_step(*args, **kwargs):
+        if len(ends) + 1 != profile_at:
+            return original_train_step(*args, **kwargs)
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            t0 = benchlib.now()
+            out = original_train_step(*args, **kwargs)
+            if cuda:
+                torch.cuda.synchronize()
+            wall = benchlib.now() - t0
+        try:
+            profiled.update(profile_summary(prof, wall, Path(spec["out"]) / f"profile-{run['name']}.txt"))
+        except Exception as e:  # the profile is a bonus: never the reason a run fails
+            profiled["error"] = f"{type(e).__name__}: {e}"[:300]
+        return out
+
+    def timed_step(self, record, *args, **kwargs):
         if cuda:
             torch.cuda.synchronize()
-        step_ends.append(benchlib.now())
-        return original_step(self, *args, **kwargs)
+        ends.append(benchlib.now())
+        per_step_batches.append(len(batches))
+        losses.append(record.get("loss"))
+        out = original_step(self, record, *args, **kwargs)
+        window = len(ends) - profile_at
+        if window >= 1:
+            elapsed = ends[-1] - ends[profile_at - 1]
+            if (elapsed >= window_s and window >= min_steps) or (time.time() > stop_by and window >= 2):
+                raise WindowDone
+        return out
 
-    vlmtune.metrics.Metrics.step = timed_step
+    original_to_device, vlmtune.train.to_device = vlmtune.train.to_device, to_device
+    original_next_samples, vlmtune.train.next_samples = vlmtune.train.next_samples, next_samples
+    original_train_step, vlmtune.train.train_step = vlmtune.train.train_step, train_step
+    original_step, vlmtune.metrics.Metrics.step = vlmtune.metrics.Metrics.step, timed_step
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = benchlib.now()
     try:
         vlmtune.train.finetune(recipe)
+    except WindowDone:
+        pass
     except torch.cuda.OutOfMemoryError as e:
-        out = {"oom": True, "error": f"CUDA out of memory at micro-batch {run['micro_batch']}: "
-                                     f"{str(e).splitlines()[0][:300]}"}
+        out = {"oom": True, "error": f"CUDA out of memory: {str(e).splitlines()[0][:300]}"}
         if cuda:
             out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return out
-    out_dir = Path(recipe.output_dir)
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    records = [r for r in records if "loss" in r]
-    result = {"step_ends": step_ends, "batches": batches, "t_start": t0,
-              "losses": [r["loss"] for r in records], "vlmtune_tokens_per_s": [r.get("tokens_per_s") for r in records],
-              "summary": json.loads((out_dir / "summary.json").read_text())}
+    result = {"ends": ends, "per_step_batches": per_step_batches, "batches": batches, "waits": waits,
+              "losses": losses, "t_start": t0, "profile": profiled, "profile_step": profile_at}
     if cuda:
         result.update(device=torch.cuda.get_device_name(), peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
                       peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
     else:
         result.update(device=f"cpu ({platform.processor() or platform.machine()})")
     result["peak_rss_gib"] = (benchlib.vm_hwm_kib() or 0) / 2**20
-    if not spec.get("keep_outputs"):  # the full fine-tune's final/ is a 7.5 GB copy of the weights
-        shutil.rmtree(out_dir / "final", ignore_errors=True)
+    shutil.rmtree(recipe.output_dir, ignore_errors=True)
     return result
 
 
@@ -359,28 +456,49 @@ def spawn(which: str, spec_file: Path, workdir: Path, timeout: float) -> dict:
     return result
 
 
+def llm_6nd(tokens: int, dims: dict) -> float:
+    """6 N D: N the text decoder's and LM head's matmul weights, D the tokens (image tokens included)."""
+    sizes = matmul_sizes(dims)
+    return 6 * (sizes["text_layers"] + sizes["lm_head"]) * tokens
+
+
+def quantile(values: list[float], q: float) -> float:
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
+
+
 def summarize(result: dict, spec: dict, run: dict, peak: float | None) -> dict:
-    exclude = spec["exclude_steps"]
-    ends, batches = result["step_ends"], result["batches"]
-    accum = spec["global_batch"] // run["micro_batch"]
-    n = len(ends)
-    if n <= exclude or len(batches) < n * accum:
-        return {"error": f"only {n} steps / {len(batches)} batches recorded"}
-    window = batches[exclude * accum : n * accum]
-    elapsed = ends[-1] - ends[exclude - 1] if exclude else ends[-1] - result["t_start"]
-    flops = {}
+    ends, counts, batches = result["ends"], result["per_step_batches"], result["batches"]
+    first = result["profile_step"]  # the window: the steps after the profiled one
+    if len(ends) < first + 1:
+        return {"error": f"only {len(ends)} steps recorded (the window starts after step {first})"}
+    durations = [b - a for a, b in zip(ends[first - 1:], ends[first:], strict=False)]
+    window = batches[counts[first - 1]:counts[-1]]
+    elapsed = ends[-1] - ends[first - 1]
+    flops: dict[str, float] = {}
     for b in window:
         for k, val in model_flops(b, spec["dims"], run["mode"], spec["lora_r"]).items():
             flops[k] = flops.get(k, 0) + val
     tokens = sum(b["tokens"] for b in window)
+    waits = result["waits"][first:len(ends)]
     achieved = flops["total"] / elapsed
+    llm = llm_6nd(tokens, spec["dims"]) / elapsed
     return {
+        "step_s": {"median": statistics.median(durations), "p10": quantile(durations, 0.1),
+                   "p90": quantile(durations, 0.9), "steps": len(durations)},
         "tokens_per_s_per_gpu": tokens / elapsed,
         "supervised_tokens_per_s": sum(b["supervised"] for b in window) / elapsed,
         "samples_per_s": sum(b["samples"] for b in window) / elapsed,
         "model_tflops_per_s": achieved / 1e12,
         "mfu": achieved / peak if peak else None,
+        "mfu_llm_6nd": llm / peak if peak else None,
+        "data_wait_s_per_step": statistics.mean(waits) if waits else None,
+        "data_wait_share": sum(waits) / elapsed if waits else None,
+        "micro_batches_per_step": len(window) / len(durations),
+        "tokens_per_micro_batch": tokens / max(1, len(window)),
         "flops_share": {k: v / flops["total"] for k, v in flops.items() if k != "total"},
+        "profile": result.get("profile"),
         "peak_allocated_gib": result.get("peak_allocated_gib"), "peak_reserved_gib": result.get("peak_reserved_gib"),
         "peak_rss_gib": result.get("peak_rss_gib"),
         "padding_fraction": 1 - sum(b["tokens"] for b in batches) / sum(b["padded"] for b in batches),
@@ -389,8 +507,8 @@ def summarize(result: dict, spec: dict, run: dict, peak: float | None) -> dict:
         / sum(b["samples"] for b in batches),
         "first_loss": result["losses"][0] if result["losses"] else None,
         "final_loss": result["losses"][-1] if result["losses"] else None,
-        "micro_batch": run["micro_batch"], "grad_accum": accum, "measured_steps": n - exclude,
-        "measured_s": elapsed, "wall_s": result["wall_s"], "device": result.get("device"),
+        "micro_batch": run["micro_batch"], "budget": run.get("budget"), "measured_s": elapsed,
+        "wall_s": result["wall_s"], "device": result.get("device"),
     }
 
 
@@ -399,31 +517,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("runs/bench-gpu"), help="folder for summary.json and logs")
     p.add_argument("--workdir", type=Path, default=None, help="model, data and runs (default /tmp/vlmtune-gpu-bench)")
     p.add_argument("--modes", default="full,lora", help="full and/or lora")
-    p.add_argument("--packing", default="off,on", help="off and/or on (on: train.packing=true)")
+    p.add_argument("--workloads", default="receipts", help="receipts and/or mixed")
+    p.add_argument("--packing", default="on", help="on (packed rows, token budgets) and/or off (padded, by count)")
+    p.add_argument("--budgets", default="8192", help="micro_batch_tokens of the packed runs: 4096,8192,16384")
+    p.add_argument("--attention", default="varlen", help="train.attention: varlen and/or stock")
+    p.add_argument("--compile", default="off", help="train.compile: off and/or on")
     p.add_argument("--kernels", default="torch", help="torch and/or liger (train.kernels; liger needs liger-kernel)")
     p.add_argument("--only", default=None,
-                   help="only these planned runs, in this order (e.g. full-packing-on,full-packing-on-liger)")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--exclude-steps", type=int, default=5, help="first steps left out of the throughput")
-    p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--grad-accum", type=int, default=2)
-    p.add_argument("--image-size", default="448x448", help="receipt images WxH (448x448: 1024 patches, 256 tokens)")
+                   help="only these planned runs, in this order (names as printed, e.g. full-receipts-packed8k)")
+    p.add_argument("--global-batch", type=int, default=64, help="samples per optimizer step")
+    p.add_argument("--micro-batch-size", type=int, default=4, help="samples per padded micro-batch (packing off); "
+                   "with a budget, samples per loader batch")
+    p.add_argument("--warmup-steps", type=int, default=2, help="steps before the profiled one (compile, allocator)")
+    p.add_argument("--window-s", type=float, default=30, help="the timed window: at least this many seconds ...")
+    p.add_argument("--min-window-steps", type=int, default=5, help="... and at least this many steps")
+    p.add_argument("--n-samples", type=int, default=256, help="samples per workload (epochs repeat)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "auto"],
                    help="model.dtype: bfloat16 weights, or auto (fp32 master weights + bf16 autocast)")
     p.add_argument("--attn", default=None, help="model.attn_implementation (default: vlmtune's, sdpa)")
     p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--num-workers", type=int, default=6)
     p.add_argument("--budget-s", type=float, default=450, help="stop starting runs past this many seconds")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s if not detected")
-    p.add_argument("--keep-outputs", action="store_true", help="keep each run's final/ model folder")
-    p.add_argument("--smoke", action="store_true", help="tiny model on CPU, 3 steps: checks the script only")
+    p.add_argument("--smoke", action="store_true", help="tiny model on CPU, seconds per run: checks the script only")
     p.add_argument("--check", action="store_true", help="only check the environment")
     p.add_argument("--child", nargs=3, metavar=("WHICH", "SPEC", "RESULT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
-        args.steps, args.exclude_steps, args.micro_batch_size, args.grad_accum = 3, 1, 2, 1
-        args.image_size, args.num_workers = "224x224", 2
+        args.global_batch, args.micro_batch_size, args.warmup_steps = 4, 2, 1
+        args.window_s, args.min_window_steps, args.n_samples, args.num_workers = 2.0, 2, 16, 1
         args.budget_s = max(args.budget_s, 3600.0)  # a CPU check: no device time to save
+        args.dtype = "auto"  # fp32 on CPU (bf16 matmuls are slow there)
     return args
 
 
@@ -468,24 +593,55 @@ def _version_tuple(v: str) -> tuple[int, ...]:
     return tuple(out)
 
 
+def pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
+
+
 def table(rows: dict) -> str:
-    lines = ["| run | micro x accum | tokens/s/GPU | supervised tok/s | samples/s | model TFLOP/s | MFU | peak alloc "
-             "(GiB) | peak reserved (GiB) | loss first → last |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| run | step s median (p10-p90) | tokens/s/GPU | MFU (ViT counted) | MFU LLM 6ND | data wait | GPU busy "
+             "| peak alloc GiB | tokens / micro-batch | loss first → last |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in rows.items():
         if "tokens_per_s_per_gpu" not in r:
-            lines.append(f"| {name} | — | — | — | — | — | — | — | — | not run: {r.get('reason', '?')[:140]} |")
+            lines.append(f"| {name} | not run: {r.get('reason', '?')[:140]} | | | | | | | | |")
             continue
-        mfu = "—" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        st = r["step_s"]
+        busy = (r.get("profile") or {}).get("gpu_busy")
         alloc = "—" if r["peak_allocated_gib"] is None else f"{r['peak_allocated_gib']:.1f}"
-        res = "—" if r["peak_reserved_gib"] is None else f"{r['peak_reserved_gib']:.1f}"
-        lines.append(f"| {name} | {r['micro_batch']} x {r['grad_accum']} | {r['tokens_per_s_per_gpu']:.0f} | "
-                     f"{r['supervised_tokens_per_s']:.0f} | {r['samples_per_s']:.2f} | {r['model_tflops_per_s']:.1f} "
-                     f"| {mfu} | {alloc} | {res} | {r['first_loss']:.3f} → {r['final_loss']:.3f} |")
+        lines.append(f"| {name} | {st['median']:.2f} ({st['p10']:.2f}-{st['p90']:.2f}), {st['steps']} steps | "
+                     f"{r['tokens_per_s_per_gpu']:.0f} | {pct(r['mfu'])} | {pct(r['mfu_llm_6nd'])} | "
+                     f"{pct(r['data_wait_share'])} | {pct(busy)} | {alloc} | {r['tokens_per_micro_batch']:.0f} | "
+                     f"{r['first_loss']:.3f} → {r['final_loss']:.3f} |")
     return "\n".join(lines)
 
 
 def _terminate(signum, frame):
     raise SystemExit(128 + signum)  # unwinds through spawn(), which kills the running child's group
+
+
+def plan(args) -> dict[str, dict]:
+    """Every run the options ask for, in order: workload, kernels, mode, batching, attention, compile."""
+    split = lambda text: [x for x in text.split(",") if x]  # noqa: E731
+    runs = {}
+    for workload in split(args.workloads):
+        for kernel in split(args.kernels):
+            for mode in split(args.modes):
+                for packing in split(args.packing):
+                    budgets = [int(b) for b in split(args.budgets)] if packing == "on" else [None]
+                    for budget in budgets:
+                        for attention in split(args.attention):
+                            for comp in split(args.compile):
+                                batching = (f"packed{budget // 1024}k" if budget else "packed") if packing == "on" \
+                                    else f"padded{args.micro_batch_size}"
+                                name = "-".join([mode, workload, batching] + (["stock"] if attention == "stock" else [])
+                                                + (["compile"] if comp == "on" else [])
+                                                + ([kernel] if kernel != "torch" else []))
+                                runs[name] = {"name": name, "mode": mode, "workload": workload,
+                                              "packing": packing == "on", "budget": budget, "attention": attention,
+                                              "compile": comp == "on", "kernels": kernel,
+                                              "micro_batch": min(8, args.global_batch) if budget
+                                              else args.micro_batch_size}
+    return runs
 
 
 def main(argv=None) -> int:
@@ -505,41 +661,30 @@ def main(argv=None) -> int:
 
     from vlmtune.config import RecipeError, build_recipe
 
-    modes = [m for m in args.modes.split(",") if m]
-    packings = [p for p in args.packing.split(",") if p]
-    kernels = [k for k in args.kernels.split(",") if k]
-    width, height = (int(x) for x in args.image_size.lower().split("x"))
     dims = SMOKE if args.smoke else QWEN2_5_VL_3B
     workdir = (args.workdir or Path("/tmp/vlmtune-gpu-bench-smoke" if args.smoke else "/tmp/vlmtune-gpu-bench")
                ).resolve()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
-    global_batch = args.micro_batch_size * args.grad_accum
     tag = "smoke" if args.smoke else "qwen2_5_vl_3b"
-    spec = {"dims": dims, "dtype": args.dtype if args.dtype != "auto" else "float32", "seed": 0,
-            "smoke": args.smoke, "model_dir": str(workdir / f"model-{tag}-{args.dtype}"),
-            "data_dir": str(workdir / f"cord-synthetic-{width}x{height}-n{args.steps * global_batch}"),
-            "n_train": args.steps * global_batch, "image_size": [width, height], "workdir": str(workdir),
-            "steps": args.steps, "exclude_steps": args.exclude_steps, "global_batch": global_batch,
-            "lr_full": 1e-5, "lr_lora": 2e-4, "lora_r": args.lora_r, "num_workers": args.num_workers,
-            "attn": args.attn, "keep_outputs": args.keep_outputs, "runs": {},
-            # model.dtype in the recipes; auto: fp32 weights in the folder (spec dtype) and bf16 autocast on CUDA
-            "recipe_dtype": args.dtype}
-    runs = {}
-    for kernel in kernels:
-        for mode in modes:
-            for packing in packings:
-                name = f"{mode}-packing-{packing}" + ("" if kernel == "torch" else f"-{kernel}")
-                runs[name] = {"name": name, "mode": mode, "packing": packing == "on", "kernels": kernel,
-                              "micro_batch": args.micro_batch_size}
+    runs = plan(args)
     if args.only:
         wanted = [n for n in args.only.split(",") if n]
         if unknown := [n for n in wanted if n not in runs]:
             print(f"[gpu-bench] --only: no planned run named {unknown}; planned: {', '.join(runs)}", flush=True)
             return 2
         runs = {n: runs[n] for n in wanted}
-    spec["runs"] = runs
+    workloads = {w: workload_spec(w, workdir, args.n_samples, args.smoke)
+                 for w in dict.fromkeys(r["workload"] for r in runs.values())}
+    spec = {"dims": dims, "dtype": args.dtype if args.dtype != "auto" else "float32", "seed": 0,
+            "smoke": args.smoke, "model_dir": str(workdir / f"model-{tag}-{args.dtype}"), "workloads": workloads,
+            "workdir": str(workdir), "out": str(out), "global_batch": args.global_batch,
+            "warmup_steps": args.warmup_steps, "window_s": args.window_s, "min_window_steps": args.min_window_steps,
+            "lr_full": 1e-5, "lr_lora": 2e-4, "lora_r": args.lora_r, "lora_dropout": args.lora_dropout,
+            "num_workers": args.num_workers, "attn": args.attn, "runs": runs,
+            # model.dtype in the recipes; auto: fp32 weights in the folder (spec dtype) and bf16 autocast on CUDA
+            "recipe_dtype": args.dtype}
     spec_file = workdir / "spec.json"
 
     def save_spec():
@@ -547,27 +692,18 @@ def main(argv=None) -> int:
             r["recipe"] = recipe_tree(spec, r)  # for the record
         benchlib.write_json(spec_file, spec)
 
-    # Recipes are checked before anything heavy: a rejected key (packing, until it exists) costs nothing.
     rows: dict[str, dict] = {}
-    for name, r in runs.items():
+    for name, r in runs.items():  # recipes are checked before anything heavy
         try:
             build_recipe(recipe_tree(spec, r))
         except RecipeError as e:
-            problems = [ln.strip(" -") for ln in str(e).splitlines() if ln.strip().startswith("- ")]
-            reason = "; ".join(problems or [str(e)]).split(" (known here")[0]
-            rows[name] = {"reason": f"the recipe rejects it ({reason})" + (
-                ": packing is not implemented yet" if r["packing"] else "")}
+            rows[name] = {"reason": "the recipe rejects it: " + " ".join(str(e).split())[:240]}
     todo = [n for n in runs if n not in rows]
     save_spec()
     print(f"[gpu-bench] {len(todo)} run(s): {', '.join(todo) or 'none'}; workdir {workdir}", flush=True)
-    if time.time() - started > args.budget_s - 60:
-        print(f"[gpu-bench] {time.time() - started:.0f} s spent before the first run: no time left in --budget-s "
-              f"{args.budget_s:.0f}", flush=True)
-        return 1
     prep = spawn("prep", spec_file, workdir, args.budget_s - (time.time() - started))
     if "error" in prep:
-        summary = {"error": f"prep failed: {prep['error']}", "log": prep["log"]}
-        benchlib.write_json(out / "summary.json", summary)
+        benchlib.write_json(out / "summary.json", {"error": f"prep failed: {prep['error']}", "log": prep["log"]})
         return 1
     pm = prep["model"]
     print(f"[gpu-bench] model {pm['parameters'] / 1e9:.3f}B parameters ({pm['vision_parameters'] / 1e6:.0f}M "
@@ -582,14 +718,18 @@ def main(argv=None) -> int:
             if left < max(60.0, 0.8 * last_wall):
                 rows[name] = {"reason": f"skipped: {left:.0f} s left of --budget-s {args.budget_s:.0f}"}
                 break
+            r["stop_by"] = time.time() + left - 20  # the child ends its window early rather than be killed
             save_spec()
-            print(f"[gpu-bench] {name}: micro-batch {r['micro_batch']} x {global_batch // r['micro_batch']} ...",
-                  flush=True)
+            print(f"[gpu-bench] {name}: " + (f"budget {r['budget']} tokens" if r["budget"] else
+                                              f"micro-batch {r['micro_batch']}") + " ...", flush=True)
             result = spawn(name, spec_file, workdir, left)
             last_wall = result["wall_s"]
-            if result.get("oom") and r["micro_batch"] > 1:
-                print(f"[gpu-bench]   out of memory at micro-batch {r['micro_batch']}; halving", flush=True)
-                r["micro_batch"] //= 2
+            if result.get("oom") and ((r["budget"] or 0) > 1024 or (not r["budget"] and r["micro_batch"] > 1)):
+                if r["budget"]:
+                    r["budget"] //= 2
+                else:
+                    r["micro_batch"] //= 2
+                print(f"[gpu-bench]   out of memory; halving to {r['budget'] or r['micro_batch']}", flush=True)
                 continue
             if "error" in result:
                 rows[name] = {"reason": result["error"], "log": result["log"]}
@@ -600,33 +740,33 @@ def main(argv=None) -> int:
             rows[name] = summarize(result, spec, r, peak)
             s = rows[name]
             if "tokens_per_s_per_gpu" in s:
-                mfu = "—" if s["mfu"] is None else f"{100 * s['mfu']:.1f}%"
-                mem = ("—" if s["peak_allocated_gib"] is None else f"{s['peak_allocated_gib']:.1f} GiB")
-                print(f"[gpu-bench]   {s['tokens_per_s_per_gpu']:.0f} tokens/s, MFU {mfu}, peak allocated {mem} "
+                print(f"[gpu-bench]   {s['tokens_per_s_per_gpu']:.0f} tokens/s, MFU {pct(s['mfu'])} (LLM 6ND "
+                      f"{pct(s['mfu_llm_6nd'])}), step {s['step_s']['median']:.2f} s, data wait "
+                      f"{pct(s['data_wait_share'])}, GPU busy {pct((s['profile'] or {}).get('gpu_busy'))} "
                       f"({result['wall_s']:.0f} s)", flush=True)
             break
-    rows = {name: rows[name] for name in runs}  # in plan order: full, lora; packing off, on
+    rows = {name: rows[name] for name in runs}
     summary = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": device, "peak_flops": peak, "peak_source": peak_source, "smoke": args.smoke,
         "model": {"dims": dims, "parameters": prep["model"], "dtype": args.dtype,
                   "attn_implementation": args.attn or "vlmtune default (sdpa)"},
-        "settings": {"steps": args.steps, "exclude_steps": args.exclude_steps, "global_batch": global_batch,
-                     "image_size": [width, height], "lora_r": args.lora_r, "lr_full": spec["lr_full"],
-                     "lr_lora": spec["lr_lora"], "num_workers": args.num_workers},
-        "mfu_formula": model_flops.__doc__.strip(),
-        "runs": rows, "total_wall_s": time.time() - started,
-        "versions": _versions(),
+        "settings": {k: getattr(args, k) for k in ("global_batch", "micro_batch_size", "warmup_steps", "window_s",
+                                                   "min_window_steps", "n_samples", "lora_r", "lora_dropout",
+                                                   "num_workers")},
+        "workloads": workloads,
+        "mfu_formula": model_flops.__doc__.strip(), "mfu_llm_6nd_formula": llm_6nd.__doc__.strip(),
+        "runs": rows, "total_wall_s": time.time() - started, "versions": _versions(),
     }
     benchlib.write_json(out / "summary.json", summary)
     print()
-    print(f"device: {device}; peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s ({peak_source}); "
-          f"model {prep['model']['parameters'] / 1e9:.2f}B, {args.dtype}; {args.steps} steps of {global_batch}, "
-          f"first {args.exclude_steps} excluded")
+    print(f"device: {device}; peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s ({peak_source}); model "
+          f"{prep['model']['parameters'] / 1e9:.2f}B, {args.dtype}; global batch {args.global_batch} samples; "
+          f"window >= {args.window_s:.0f} s and >= {args.min_window_steps} steps after {args.warmup_steps} + 1 "
+          "profiled")
     print(table(rows))
     (out / "table.md").write_text(table(rows) + "\n")
     print(f"[gpu-bench] summary: {out / 'summary.json'} ({time.time() - started:.0f} s)")
-    # A run the recipe rejects or the time budget left out is reported in the table, not a failure.
     ok = [("tokens_per_s_per_gpu" in r or any(w in r.get("reason", "") for w in ("rejects", "skipped:")))
           for r in rows.values()]
     return 0 if all(ok) else 1

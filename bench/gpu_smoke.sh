@@ -4,7 +4,7 @@
 # of one) rather than plain single-process training. Runs, 10 steps each:
 #   full     full fine-tune (on CUDA: bf16 compute, fp32 master weights and gradient reduction), activation
 #            checkpointing of the language model, a checkpoint at step 5 (and 10)
-#   lora     LoRA
+#   lora     LoRA, with train.packing (FSDP2 + packed rows through train.attention=varlen, the default)
 #   offload  full fine-tune with distributed.cpu_offload=true
 #   resume   a copy of `full` without its step-10 checkpoint and final model, run again with resume=auto: it must
 #            continue from step 5 and repeat full's losses of steps 6-10
@@ -99,7 +99,7 @@ PY
 }
 
 finetune full distributed.activation_checkpointing=language checkpoint.every_steps=5
-finetune lora peft.method=lora peft.r=16 peft.dropout=0.0
+finetune lora peft.method=lora peft.r=16 peft.dropout=0.0 train.packing=true
 finetune offload distributed.cpu_offload=true
 
 # resume: the full run as if it had stopped after step 5's checkpoint

@@ -26,9 +26,12 @@ def run_prep(spec: dict) -> dict:
     m = spec["model"]
     config = benchlib.bench_model_config(m["hidden_size"], m["layers"], m["vision_hidden"], m["vision_depth"])
     info = benchlib.build_model(Path(spec["model_dir"]), config, seed=spec["seed"], pixels=spec["pixels"])
+    order = benchlib.vlmtune_order(spec["n_train"], spec["steps"] * spec["global_batch"], spec["seed"])
+    if spec.get("workload") == "mixed":  # already in TRL's {images, messages} format: no rows to rebuild
+        benchlib.write_mixed_data(Path(spec["data_dir"]), spec["n_train"], seed=spec["seed"])
+        return {"model": info, "order": order, "rows": []}
     data_dir = benchlib.write_data(Path(spec["data_dir"]), spec["n_train"], seed=spec["seed"],
                                    image_size=tuple(spec["image_size"]))
-    order = benchlib.vlmtune_order(spec["n_train"], spec["steps"] * spec["global_batch"], spec["seed"])
     rows = benchlib.peer_rows(data_dir, order)
     return {"model": info, "order": order, "rows": rows}
 
@@ -46,7 +49,8 @@ def vlmtune_tree(spec: dict, out_dir: Path, packing: bool) -> dict:
     if packing:
         train["packing"] = True
     return {"output_dir": str(out_dir), "model": {"name_or_path": spec["model_dir"], "dtype": "float32"},
-            "data": {"train": {"source": spec["data_dir"], "format": "cord_v2", "split": "train"},
+            "data": {"train": {"source": spec["data_dir"], "split": "train",
+                               "format": "messages" if spec.get("workload") == "mixed" else "cord_v2"},
                      "num_workers": 0},
             "train": train}
 
@@ -218,8 +222,9 @@ class AssistantSpanCollator:
         import torch
 
         texts = [self.processor.apply_chat_template(self.conversation(ex), tokenize=False) for ex in examples]
-        images = [list(ex["images"]) for ex in examples]
-        batch = self.processor(text=texts, images=images, padding=True, padding_side="right", return_tensors="pt")
+        images = [list(ex["images"]) for ex in examples]  # the mixed workload: [] for a text-only sample
+        batch = self.processor(text=texts, images=images if any(images) else None, padding=True,
+                               padding_side="right", return_tensors="pt")
         labels = torch.full_like(batch["input_ids"], benchlib.IGNORE)
         for row, ids in enumerate(batch["input_ids"].tolist()):
             found = self.spans(ids)

@@ -12,8 +12,8 @@ from tiny import chat_specs
 
 from conftest import small_recipe
 from vlmtune import attention
+from vlmtune.attention import VARLEN, host_inputs, setup_attention, use_segment_attention
 from vlmtune.attention import segments as real_segments
-from vlmtune.attention import use_segment_attention
 from vlmtune.batching import check_packing, equalize, group, micro_batch, rope_index_module
 from vlmtune.config import ModelConfig, build_recipe
 from vlmtune.encode import IGNORE, SampleEncoder
@@ -100,6 +100,57 @@ def test_packed_logits_and_loss_equal_padded(name, tiny_model, monkeypatch):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert loss_packed == pytest.approx(loss_padded, rel=1e-5)
     torch.testing.assert_close(again, want, atol=0, rtol=0)  # a padded batch still takes plain sdpa
+
+
+def gradients(model, batch) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss_sum(model, batch).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# Families that pack (the refusals are checked above) and whose text attention VARLEN serves: Llama 4's chunked
+# layers keep segment_sdpa (tests/test_varlen.py checks the choice, the test above the result).
+VARLEN_PACKING = [n for n in NAMES if n not in ("gemma3", "qwen3_5", "qwen3_5_moe", "llama4")]
+
+
+@pytest.mark.parametrize("name", VARLEN_PACKING)
+def test_varlen_packed_rows_equal_padded(name, tiny_model, monkeypatch):
+    """train.attention=varlen (the default) with packing: the batcher's boundaries, one variable-length call per
+    text layer with no mask built, and (Qwen, Kimi-VL) the swapped vision towers give the padded stock model's
+    logits, loss and gradients."""
+    from transformers import AttentionInterface
+
+    spec = SPECS[name]
+    path = str(tiny_model(name))
+    model, processor, family = load_model(ModelConfig(name_or_path=path), CPU)
+    encoder = SampleEncoder(processor, family, max_length=4096)
+    samples = [encoder(c, i) for i, c in enumerate(conversations(spec))]
+    pad = processor.tokenizer.pad_token_id
+    pad = processor.tokenizer.eos_token_id if pad is None else pad
+    cast = family.cast_to_model_dtype
+    padded = to_device(micro_batch(samples, pad), CPU, torch.float32, cast)
+    with torch.no_grad():
+        want = model(**model_inputs(padded), use_cache=False).logits[padded["attention_mask"].bool()]
+    want_grads = gradients(model, padded)
+
+    model, _, _ = load_model(ModelConfig(name_or_path=path), CPU)  # the same weights, fresh
+    assert setup_attention(model, "varlen", packed=True)["text"] == VARLEN
+    packed = to_device(micro_batch(samples, pad, packed=True, rope=rope_index_module(model),
+                                   extras=host_inputs(model)), CPU, torch.float32, cast)
+    assert packed["cu_seq_lens_q"].tolist() == [0, *torch.tensor([s.length for s in samples]).cumsum(0).tolist()]
+    calls = []
+    real = AttentionInterface._global_mapping[VARLEN]
+    monkeypatch.setitem(AttentionInterface._global_mapping, VARLEN, lambda module, q, k, v, mask, **kw: calls.append(
+        (mask is None, kw.get("cu_seq_lens_q") is packed["cu_seq_lens_q"])) or real(module, q, k, v, mask, **kw))
+    with torch.no_grad():
+        got = model(**model_inputs(packed), use_cache=False).logits[0]
+    layers = model.config.get_text_config().num_hidden_layers
+    assert calls == [(True, True)] * layers  # no N x N mask, the batcher's boundaries, every layer
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    got_grads = gradients(model, packed)
+    assert got_grads.keys() == want_grads.keys()
+    for n, g in got_grads.items():
+        torch.testing.assert_close(g, want_grads[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
 @pytest.mark.parametrize("rows_per_check", [1024, 2])

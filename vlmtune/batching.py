@@ -4,16 +4,19 @@ a vision filler row when several ranks run, and padding-free packing.
 Packing puts a micro-batch's samples into one row. Each sample keeps the positions it would have had alone
 (for the Qwen families the 3-D mRoPE positions the model's own ``get_rope_index`` computes, plus a leading row
 of 1-D text positions, the layout transformers reads as "packed"), and no ``attention_mask`` is passed, so
+with ``train.attention: varlen`` the batcher adds the row's sample boundaries (``cu_seq_lens_q`` ...), computed
+here on the host, which vlmtune/attention.py attends in one variable-length call per layer; otherwise
 transformers builds a block-diagonal causal mask from the positions, which vlmtune/attention.py turns into sdpa
 per sample (flash_attention_2: transformers' varlen path): attention never crosses samples. Labels never cross
-either: each sample's first token is never a target.
+either: each sample's first token is never a target. ``extras`` (vlmtune.attention.host_inputs) adds what the
+model's attention reads besides: packed-row boundaries and the vision towers' segments.
 tests/test_packing.py checks, per family, that packed logits and losses equal the padded ones.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -125,13 +128,19 @@ def filler_sample(encoder) -> Encoded:
     return sample
 
 
+Extras = Callable[[dict], dict]
+
+
 def micro_batch(samples: list[Encoded], pad_id: int, filler: Encoded | None = None, packed: bool = False,
-                rope: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+                rope: torch.nn.Module | None = None, extras: Extras | None = None) -> dict[str, torch.Tensor]:
     """Collate one micro-batch, packed into one row if `packed` (`rope`: see :func:`rope_index_module`);
-    `filler` is added when no sample has images."""
+    `filler` is added when no sample has images; `extras(batch)` adds the attention's host-side keywords."""
     rows = [*samples, filler] if filler is not None and not any(has_vision(s) for s in samples) else list(samples)
     batch = collate(rows, pad_id)
-    return pack(batch, rope) if packed else batch
+    batch = pack(batch, rope) if packed else batch
+    if extras is not None and batch:
+        batch.update(extras(batch))
+    return batch
 
 
 @dataclass
@@ -155,6 +164,7 @@ class Batcher:
     rope: torch.nn.Module | None
     filler: Encoded | None
     uniform: tuple[str, ...] = ()  # Family.uniform_media: samples whose shapes of these differ never share one
+    extras: Extras | None = None  # vlmtune.attention.host_inputs
 
     def __call__(self, samples: list[Encoded]) -> list[MicroBatch]:
         groups = []
@@ -165,7 +175,7 @@ class Batcher:
         out = []
         for g in groups:
             chosen = [samples[i] for i in g]
-            out.append(MicroBatch(micro_batch(chosen, self.pad_id, self.filler, self.packed, self.rope),
+            out.append(MicroBatch(micro_batch(chosen, self.pad_id, self.filler, self.packed, self.rope, self.extras),
                                   [s.index for s in chosen], sum(has_vision(s) for s in chosen)))
         return out
 

@@ -141,6 +141,13 @@ class TrainConfig(_Strict):
         if bad:
             raise ValueError(f"weights must be > 0, got {bad}")
         return value
+    # varlen: vision towers that attend by window or image (Qwen2-VL ... Qwen3.5, Kimi-VL) and packed text rows run
+    # one variable-length attention call per layer, segment bounds computed on the host (vlmtune/attention.py,
+    # vlmtune/vision.py; exact against stock). stock: transformers' own attention (sdpa per window / image).
+    attention: Literal["varlen", "stock"] = "varlen"
+    # Regional torch.compile of every decoder layer and vision block (vlmtune/compile.py); costs compile time once,
+    # and whether it pays on a GPU is not measured yet (docs/benchmarks.md).
+    compile: bool = False
 
 
 class FreezeConfig(_Strict):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from vlmtune.attention import use_segment_attention
+from vlmtune.attention import host_inputs, setup_attention
 from vlmtune.batching import Batcher, MicroBatch, check_packing, filler_sample, padding_tokens, rope_index_module
 from vlmtune.checkpoint import (
     Checkpoints,
@@ -40,6 +40,7 @@ from vlmtune.checkpoint import (
     save_hf,
     truncate_metrics,
 )
+from vlmtune.compile import compile_regions
 from vlmtune.config import Recipe, accumulation_steps, recipe_to_yaml
 from vlmtune.data.dataset import EpochSampler
 from vlmtune.encode import Encoded, EncodedDataset, Skipped, make_encoder
@@ -228,6 +229,8 @@ def setup(recipe: Recipe) -> Session:
     strategy = resolve_strategy(recipe.distributed, world_size)
     # Several ranks: FSDP2 shards `model` in place, DDP wraps it (forward through `forward`, all else `model`).
     forward = parallelize(model, family, recipe.distributed, strategy, device)
+    if tcfg.compile:  # after sharding / checkpointing: each layer compiled as it will run (vlmtune/compile.py)
+        compile_regions(model)
     data = build_data(recipe, processor, family, model, rank, world_size)
     total_steps = tcfg.max_steps or math.ceil(tcfg.epochs * data.train_size / tcfg.global_batch_size)
     optimizer, scheduler = build_optimizer(recipe, model, family, device, total_steps)
@@ -271,7 +274,7 @@ def build_model(recipe: Recipe, device: torch.device, rank: int) -> tuple[torch.
                                           quantization_config(recipe.peft, device, recipe.model))
     if recipe.train.packing:
         check_packing(family)
-        use_segment_attention(model)  # sdpa per sample of a packed row, not over the whole row (vlmtune/attention.py)
+    setup_attention(model, recipe.train.attention, recipe.train.packing)  # vlmtune/attention.py
     if recipe.train.kernels == "liger":
         swapped = use_liger_norms(model)
         if rank == 0:
@@ -297,7 +300,8 @@ def build_data(recipe: Recipe, processor, family: Family, model: torch.nn.Module
         pad_id = processor.tokenizer.eos_token_id
     batcher = Batcher(pad_id, tcfg.micro_batch_size, tcfg.micro_batch_tokens, tcfg.packing,
                       rope_index_module(model) if tcfg.packing else None,
-                      filler_sample(encoder) if world_size > 1 else None, family.uniform_media)
+                      filler_sample(encoder) if world_size > 1 else None, family.uniform_media,
+                      host_inputs(model, bucket=tcfg.compile))
     sampler, loaded = train_stream(train_ds, recipe, rank, world_size)
     val_loader = None
     if recipe.data.validation is not None:

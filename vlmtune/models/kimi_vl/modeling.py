@@ -36,6 +36,7 @@ from transformers.models.kimi_k25.modeling_kimi_k25 import (
     Kimi_K25VisionModel,
 )
 from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import accepts_precomputed_kwargs
 
 from vlmtune.models.kimi_vl.configuration import KimiVLConfig, MoonViTConfig
 
@@ -96,9 +97,11 @@ class KimiVLForConditionalGeneration(KimiVLPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_output_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.Tensor, image_grid_hws: torch.Tensor) -> torch.Tensor:
-        """[image tokens, text hidden]: every image's 2x2 patch groups, projected, in prompt order."""
-        groups = self.vision_tower(pixel_values, image_grid_hws).pooler_output
+    @accepts_precomputed_kwargs(modality="image")
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_hws: torch.Tensor, **kwargs) -> torch.Tensor:
+        """[image tokens, text hidden]: every image's 2x2 patch groups, projected, in prompt order. ``kwargs``:
+        the tower's inputs computed beforehand, as ``image_<name>`` (``image_cu_seqlens`` ...; vlmtune/vision.py)."""
+        groups = self.vision_tower(pixel_values, image_grid_hws, **kwargs).pooler_output
         return self.multi_modal_projector(groups).squeeze(1)
 
     def placeholder_mask(self, input_ids: torch.Tensor | None, features: torch.Tensor) -> torch.Tensor:
@@ -132,7 +135,7 @@ class KimiVLForConditionalGeneration(KimiVLPreTrainedModel, GenerationMixin):
         if pixel_values is not None:
             if image_grid_hws is None:
                 raise ValueError("pixel_values without image_grid_hws: the processor returns both")
-            features = self.get_image_features(pixel_values, image_grid_hws)
+            features = self.get_image_features(pixel_values, image_grid_hws, **kwargs)
             mask = self.placeholder_mask(input_ids, features)
             inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1).to(inputs_embeds.device),
                                                          features.to(inputs_embeds.device, inputs_embeds.dtype))
