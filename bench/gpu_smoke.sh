@@ -6,6 +6,7 @@
 #            checkpointing of the language model, a checkpoint at step 5 (and 10)
 #   lora     LoRA, with train.packing (FSDP2 + packed rows through train.attention=varlen, the default)
 #   offload  full fine-tune with distributed.cpu_offload=true
+#   qlora    LoRA on 4-bit NF4 weights (peft.quantize=4bit), one process, to a saved adapter (needs bitsandbytes)
 #   resume   a copy of `full` without its step-10 checkpoint and final model, run again with resume=auto: it must
 #            continue from step 5 and repeat full's losses of steps 6-10
 # Prints each run's per-step loss, grad norm and tokens/s, and exits non-zero if any run fails. About 1.5 minutes
@@ -101,6 +102,12 @@ PY
 finetune full distributed.activation_checkpointing=language checkpoint.every_steps=5
 finetune lora peft.method=lora peft.r=16 peft.dropout=0.0 train.packing=true
 finetune offload distributed.cpu_offload=true
+# QLoRA to a saved adapter: NF4 weights through bitsandbytes, one process (no FSDP2: the 4-bit weights stay whole)
+if [ "$CPU" != 1 ] && "$PY" -c "import bitsandbytes" 2>/dev/null; then
+  finetune qlora peft.method=lora peft.quantize=4bit train.packing=true distributed.strategy=none
+else
+  echo "[gpu_smoke] qlora: not run (needs CUDA and bitsandbytes: EXTRA=bitsandbytes bash bench/gpu_wheels.sh)"
+fi
 
 # resume: the full run as if it had stopped after step 5's checkpoint
 rm -rf "$OUT_DIR/run-resume"

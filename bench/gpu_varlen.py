@@ -2,7 +2,7 @@
 
     python bench/gpu_varlen.py [--out FILE.json]     # on a CUDA machine; ~1-2 minutes, tiny models, offline
 
-1. The kernel: vlmtune.attention.attend through torch's varlen_attn against the exact path (transformers' sdpa per
+1. The kernel: vlmtune.varlen.attend through torch's varlen_attn against the exact path (transformers' sdpa per
    segment length, the same device and dtype) and both against an fp32 reference: vision-like windows (head dim
    80, non-causal), packed text (causal, GQA 16/2, head dim 128), a sliding window, MLA (192 / 128); output and
    gradients. Passes if the varlen error is at most 2x the sdpa path's error (+ 2e-3).
@@ -58,7 +58,7 @@ class Heads(torch.nn.Module):
 
 
 def check_kernel() -> None:
-    from vlmtune.attention import varlen_parameters
+    from vlmtune.varlen import varlen_parameters
 
     print(f"1. kernel (varlen_attn parameters: {sorted(varlen_parameters())})", flush=True)
     cases = {  # name: (segment lengths, Hq, Hkv, D, Dv, causal, window)
@@ -73,7 +73,7 @@ def check_kernel() -> None:
 
 
 def kernel_case(name, lengths, hq, hkv, d, dv, causal, window) -> None:
-    from vlmtune.attention import _grouped_sdpa, attend, varlen_kernel_usable
+    from vlmtune.varlen import _grouped_sdpa, attend, varlen_kernel_usable
 
     t = sum(lengths)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")

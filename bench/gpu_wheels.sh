@@ -6,6 +6,7 @@
 #
 #   bash bench/gpu_wheels.sh                 # then carry .whl with the run (device tool: carry [".whl"])
 #   PY_VERSION=3.11 EXTRA="pyarrow" bash bench/gpu_wheels.sh
+#   EXTRA=bitsandbytes bash bench/gpu_wheels.sh   # + QLoRA in gpu_smoke.sh (+43 MB: over the 64 MiB carry with the rest)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -16,13 +17,21 @@ PACKAGES="transformers datasets peft pydantic pydantic_core annotated_types typi
 multiprocess regex fsspec ${EXTRA:-}"
 PINS=$("$PY" - $PACKAGES <<'EOF'
 import importlib.metadata as md, sys
-print(" ".join(f"{name}=={md.version(name)}" for name in sys.argv[1:]))
+
+def pin(name):  # the .venv's version; a package it lacks (bitsandbytes on CPU): the newest
+    try:
+        return f"{name}=={md.version(name)}"
+    except md.PackageNotFoundError:
+        return name
+
+print(" ".join(map(pin, sys.argv[1:])))
 EOF
 )
 echo "[gpu_wheels] $PINS"
 mkdir -p .whl
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+  --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl $PINS
 # Not in the .venv (CPU only): Liger Kernel for train.kernels=liger (bench/gpu_kernels.py); Triton is on the machine.
 "$PY" -m pip download -q --no-deps --only-binary=:all: -d .whl "liger-kernel==${LIGER_VERSION:-0.8.5}"

@@ -50,6 +50,8 @@ def test_evaluation_during_training_writes_rows_metrics_and_the_best_model(lora_
     assert len(rows) == 3 and all(r["reference"].startswith("<s_menu>") for r in rows)
     # The aggregate is the scores of those very rows (and each row carries its own).
     assert evals[-1]["eval"] == score_rows(rows, ["cord_ted", "cord_f1", "exact_match"])[1]
+    timed = json.loads((out / "eval" / "step-000002" / "metrics.json").read_text())
+    assert timed["seconds"] > 0 and timed["samples_per_s"] == pytest.approx(3 / timed["seconds"], rel=1e-2)
     summary = json.loads((out / "summary.json").read_text())
     best = json.loads((out / "best" / "best.json").read_text())
     values = {x["step"]: x["eval"]["cord_ted"] for x in evals}
@@ -68,6 +70,7 @@ def test_evaluate_an_adapter_then_rescore_the_file(lora_run, tmp_path, capsys):
     first = json.loads((tmp_path / "a" / "metrics.json").read_text())
     rows = [json.loads(x) for x in (tmp_path / "a" / "predictions.jsonl").read_text().splitlines()]
     assert first["samples"] == 3 and set(first["metrics"]) == {"cord_ted", "cord_f1", "exact_match"}
+    assert f"(3 samples in {first['seconds']:.1f} s)" in capsys.readouterr().out
     assert all(set(r) >= {"index", "prompt", "reference", "prediction", "scores"} for r in rows)
     assert main(["evaluate", "--predictions", str(tmp_path / "a" / "predictions.jsonl"),
                  "--metrics", "cord_ted,cord_f1,exact_match", "--out", str(tmp_path / "b")]) == 0

@@ -657,7 +657,7 @@ def test_lora_adapts_the_fused_experts_without_dropout(loaded, tiny):
         {"base_model.model.language_model.model.layers.1.mlp.experts",
          "base_model.model.language_model.model.layers.1.mlp.experts.base_layer"}
     with pytest.raises(AdapterError, match="chose only fused MoE experts"), pytest.warns(UserWarning):
-        apply_lora(copy.deepcopy(model), FAMILY, PeftConfig(method="lora", target_modules=["experts"]),
+        apply_lora(copy.deepcopy(model), FAMILY, PeftConfig(method="lora", dropout=0.05, target_modules=["experts"]),
                    FreezeConfig(), str(tiny))
     peft_model, _ = apply_lora(copy.deepcopy(model), FAMILY, pcfg, FreezeConfig(), str(tiny))
     factors = {n: p for n, p in peft_model.named_parameters() if ".mlp.experts." in n and ".lora_" in n}

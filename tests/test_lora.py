@@ -241,7 +241,7 @@ def test_recipe_peft_section_and_contradictions(tiny_model_dir, cord_dir, tmp_pa
 
     assert recipe().peft is None
     r = recipe("peft.method=lora")
-    assert (r.peft.r, r.peft.alpha, r.peft.dropout, r.peft.use_rslora) == (16, 32, 0.05, False)
+    assert (r.peft.r, r.peft.alpha, r.peft.dropout, r.peft.use_rslora) == (16, 32, 0.0, False)
     assert r.peft.target_modules is None and not r.peft.vision and not r.peft.projector
     assert recipe("peft.target_modules=q_proj").peft.target_modules == ["q_proj"]
     with pytest.raises(RecipeError, match=r"peft\.vision=true puts adapters in the vision_tower, but "

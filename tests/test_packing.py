@@ -150,7 +150,10 @@ def test_varlen_packed_rows_equal_padded(name, tiny_model, monkeypatch):
     got_grads = gradients(model, packed)
     assert got_grads.keys() == want_grads.keys()
     for n, g in got_grads.items():
-        torch.testing.assert_close(g, want_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+        # Absolute tolerance scaled by the tensor's largest gradient: the tiny Gemma 3n vision tower's reach 2e4, and
+        # summing in another order alone (the padded path on 1 vs 2 threads) moves them by up to 1e-5 of that.
+        scale = max(1.0, float(want_grads[n].abs().max()))
+        torch.testing.assert_close(g, want_grads[n], atol=1e-5 * scale, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("rows_per_check", [1024, 2])

@@ -12,18 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from vlmtune import vision
-from vlmtune.attention import (
-    SEGMENT_SDPA,
-    VARLEN,
-    attend,
-    bucketed,
-    host_inputs,
-    packed_row_inputs,
-    setup_attention,
-    varlen_kernel_usable,
-)
+from vlmtune.attention import SEGMENT_SDPA, VARLEN, bucketed, host_inputs, packed_row_inputs, setup_attention
 from vlmtune.config import ModelConfig
 from vlmtune.model import load_model
+from vlmtune.varlen import attend, varlen_kernel_usable
 from vlmtune.vision import VISION_ATTENTIONS, VarlenVisionAttention, VisionInputs, qualname
 
 CPU = torch.device("cpu")

@@ -79,14 +79,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                               "--adapter, or drop --predictions to generate anew")
         if not args.metrics:
             raise RecipeError("evaluate --predictions needs --metrics m1,m2 (e.g. --metrics exact_match,anls)")
-        aggregate = rescore(args.predictions, args.metrics.split(","), args.out)
+        record = rescore(args.predictions, args.metrics.split(","), args.out)
     else:
         recipe = recipe_from_args(args)
         if args.metrics:
             recipe.eval = (recipe.eval or EvalConfig()).model_copy(update={"metrics": args.metrics.split(",")})
-        aggregate = evaluate_recipe(recipe, args.out, args.split, args.model, args.adapter, args.limit)
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in aggregate.items())
-    print(f"vlmtune evaluate: {shown}\n  predictions and metrics: {args.out}")
+        record = evaluate_recipe(recipe, args.out, args.split, args.model, args.adapter, args.limit)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in record["metrics"].items())
+    took = f" ({record['samples']} samples in {record['seconds']:.1f} s)" if "seconds" in record else ""
+    print(f"vlmtune evaluate: {shown}{took}\n  predictions and metrics: {args.out}")
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,43 +69,48 @@ def score(rows: list[dict], metrics: list[str], tags: tuple[str, str] | None) ->
     return total
 
 
-def write(folder: Path, rows: list[dict], aggregate: dict[str, float], step: int | None = None) -> Path:
-    """``folder/predictions.jsonl`` (rows sorted by index) and ``folder/metrics.json``."""
+def write(folder: Path, rows: list[dict], aggregate: dict[str, float], step: int | None = None,
+          seconds: float | None = None) -> dict:
+    """``folder/predictions.jsonl`` (rows sorted by index) and ``folder/metrics.json``, whose record it returns;
+    ``seconds``: how long generating the rows took (with its samples/s)."""
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / "predictions.jsonl").open("w") as f:
         for row in sorted(rows, key=lambda r: r["index"]):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     record = {"step": step, "samples": len(rows), "metrics": aggregate}
+    if seconds is not None:
+        record.update(seconds=round(seconds, 3), samples_per_s=round(len(rows) / seconds, 3))
     (folder / "metrics.json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
-    return folder
+    return record
 
 
 def evaluate_recipe(recipe: Recipe, out: str | Path, split: str | None = None, model_path: str | None = None,
-                    adapter: str | None = None, limit: int | None = None) -> dict[str, float]:
-    """``vlmtune evaluate -c RECIPE``: one process, the recipe's ``eval`` settings (its defaults without one)."""
+                    adapter: str | None = None, limit: int | None = None) -> dict:
+    """``vlmtune evaluate -c RECIPE``: one process, the recipe's ``eval`` settings (its defaults without one).
+    Returns the metrics.json record."""
     ecfg = recipe.eval or EvalConfig()
     model, processor, family, ds = split_model_and_data(recipe, split or ecfg.split, model_path, adapter, "evaluate")
     metrics = metrics_for(ecfg, ds.format)
     gen = Generator(model, processor, family, ecfg.max_new_tokens)
     n = min(x for x in (len(ds), limit, ecfg.max_samples) if x is not None)
     skipped: list = []
+    start = time.perf_counter()
     rows = list(predict(gen, ds, range(n), ecfg.batch_size, skipped))
+    seconds = time.perf_counter() - start
     for i, reason in skipped:
         print(f"vlmtune evaluate: skipped sample {i} ({reason})", file=sys.stderr)
     if not rows:
         raise RecipeError(f"evaluate: none of the {n} samples could be read; see the reasons above")
-    aggregate = score(rows, metrics, think_tags(ecfg, family))
-    write(Path(out), rows, aggregate)
-    return aggregate
+    return write(Path(out), rows, score(rows, metrics, think_tags(ecfg, family)), seconds=seconds)
 
 
-def rescore(predictions: str | Path, metrics: list[str], out: str | Path) -> dict[str, float]:
-    """``vlmtune evaluate --predictions FILE --metrics ...``: the same numbers from the same rows, no model."""
+def rescore(predictions: str | Path, metrics: list[str], out: str | Path) -> dict:
+    """``vlmtune evaluate --predictions FILE --metrics ...``: the same numbers from the same rows, no model.
+    Returns the metrics.json record."""
     rows, aggregate = rescore_file(predictions, metrics)
     for i, row in enumerate(rows):
         row.setdefault("index", i)
-    write(Path(out), rows, aggregate)
-    return aggregate
+    return write(Path(out), rows, aggregate)
 
 
 def evaluate_in_training(gen: Generator, ds: ConversationDataset, ecfg: EvalConfig, metrics: list[str],

@@ -63,12 +63,13 @@ class Metrics:
         if self.enabled:
             tqdm.write(f"step {step:>5} | val_loss {val_loss:.4f} ({tokens} tokens)")
 
-    def evaluation(self, step: int, samples: int, aggregate: dict[str, float]) -> None:
+    def evaluation(self, step: int, samples: int, aggregate: dict[str, float], seconds: float) -> None:
+        # The time goes to the log line and eval/step-N/metrics.json; metrics.jsonl's eval records stay deterministic.
         self.write({"step": step, "eval_samples": samples, "eval": aggregate},
                    {"eval_samples": samples, **{f"eval/{k}": v for k, v in aggregate.items()}})
         if self.enabled:
             shown = " | ".join(f"{k} {v:.4f}" for k, v in aggregate.items())
-            tqdm.write(f"step {step:>5} | eval ({samples} samples) | {shown}")
+            tqdm.write(f"step {step:>5} | eval ({samples} samples, {seconds:.1f} s) | {shown}")
 
     def count(self, items: list[Encoded | Skipped]) -> None:
         """Count a step's loaded items: Skipped ones by reason (with an example each), shortened ones by how."""

@@ -453,12 +453,14 @@ def run_evaluation(s: Session, step: int) -> None:
     """Generation on the eval split, scored (vlmtune/evaluate.py): ``eval/step-N/`` and a metrics.jsonl line; with
     ``checkpoint.best`` the model of the best evaluation so far is kept in ``output_dir/best``."""
     ev, run = s.evaluator, s.state.run
+    start = time.perf_counter()
     with eval_mode(s.state.model):
         result = evaluate_in_training(ev.generator, ev.dataset, s.recipe.eval, ev.metrics, ev.tags)
     if result is not None:  # rank 0
         rows, aggregate = result
-        write_eval(s.out_dir / "eval" / f"step-{step:06d}", rows, aggregate, step)
-        s.state.metrics.evaluation(step, len(rows), aggregate)
+        record = write_eval(s.out_dir / "eval" / f"step-{step:06d}", rows, aggregate, step,
+                            time.perf_counter() - start)
+        s.state.metrics.evaluation(step, len(rows), aggregate, record["seconds"])
     best = s.recipe.checkpoint.best
     if best is None:
         return

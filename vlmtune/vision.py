@@ -6,7 +6,7 @@ then run one sdpa call per window or image: a Qwen2.5-VL receipt has ~100 window
 forward. :func:`use_varlen_vision_attention` swaps each such module of *this model instance* (as
 vlmtune/kernels.py does for norms) for :class:`VarlenVisionAttention`: the same projections (the same child
 modules, so parameter names, PEFT targets, FSDP units and checkpoints are unchanged), the family's own rotary
-function, and :func:`vlmtune.attention.attend` over all segments at once.
+function, and :func:`vlmtune.varlen.attend` over all segments at once.
 
 What the towers compute from ``grid_thw`` each forward (segment boundaries, window order, rotary position ids,
 position-embedding interpolation) the batcher computes on the host with transformers' own helpers
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import vision_utils
 
-from vlmtune.attention import attend
+from vlmtune.varlen import attend
 
 # The stock vision attention classes (module.qualname) whose forward this module reproduces; tests/test_varlen.py
 # compares each with the swap, logits and gradients.
