@@ -133,6 +133,13 @@ class TrainConfig(_Strict):
     # Weight of a token's loss by its target: token strings or globs -> weight, e.g. {"<x_*>": 10} (Nemotron-Parse's
     # coordinate tokens). The step still divides the weighted sum by the number of supervised tokens.
     token_weights: dict[str, float] = Field(default_factory=dict)
+    # varlen: vision towers that attend by window or image (Qwen2-VL ... Qwen3.5, Kimi-VL) and packed text rows run
+    # one variable-length attention call per layer, segment bounds computed on the host (vlmtune/attention.py,
+    # vlmtune/vision.py; exact against stock). stock: transformers' own attention (sdpa per window / image).
+    attention: Literal["varlen", "stock"] = "varlen"
+    # Regional torch.compile of every decoder layer and vision block (vlmtune/compile.py); costs compile time once,
+    # and whether it pays on a GPU is not measured yet (docs/benchmarks.md).
+    compile: bool = False
 
     @field_validator("token_weights")
     @classmethod
@@ -141,13 +148,6 @@ class TrainConfig(_Strict):
         if bad:
             raise ValueError(f"weights must be > 0, got {bad}")
         return value
-    # varlen: vision towers that attend by window or image (Qwen2-VL ... Qwen3.5, Kimi-VL) and packed text rows run
-    # one variable-length attention call per layer, segment bounds computed on the host (vlmtune/attention.py,
-    # vlmtune/vision.py; exact against stock). stock: transformers' own attention (sdpa per window / image).
-    attention: Literal["varlen", "stock"] = "varlen"
-    # Regional torch.compile of every decoder layer and vision block (vlmtune/compile.py); costs compile time once,
-    # and whether it pays on a GPU is not measured yet (docs/benchmarks.md).
-    compile: bool = False
 
 
 class FreezeConfig(_Strict):
