@@ -6,6 +6,7 @@ import copy
 import json
 import re
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -394,3 +395,16 @@ def test_qlora_without_bitsandbytes_says_how_to_install(tiny_model_dir, monkeypa
         quantization_config(PeftConfig(quantize="4bit"), torch.device("cuda", 0),
                             ModelConfig(name_or_path=str(tiny_model_dir)))
     assert quantization_config(None, CPU, ModelConfig(name_or_path=str(tiny_model_dir))) is None
+
+
+def test_qlora_config_quantizes_only_the_language_model(tiny_model_dir, monkeypatch):
+    """What QLoRA loads with (the run itself needs CUDA and bitsandbytes: bench/gpu_smoke.sh): NF4 with double
+    quantization, and the vision tower, projector and output head named as modules that stay whole."""
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.ModuleType("bitsandbytes"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    config = quantization_config(PeftConfig(quantize="4bit"), torch.device("cuda", 0),
+                                 ModelConfig(name_or_path=str(tiny_model_dir)))
+    assert (config.load_in_4bit, config.bnb_4bit_quant_type, config.bnb_4bit_use_double_quant) == (True, "nf4", True)
+    assert config.bnb_4bit_compute_dtype == torch.bfloat16
+    assert config.llm_int8_skip_modules == [*FAMILY.parts["vision_tower"], *FAMILY.parts["projector"], "lm_head"]
+    assert not any("model.language_model".startswith(p) for p in config.llm_int8_skip_modules)  # its layers: NF4
