@@ -148,6 +148,16 @@ def optimizer_and_scheduler(model, spec: dict):
     return optimizer, scheduler
 
 
+def normalisation(trainer) -> str:
+    """How this trainer normalises the step's loss: Trainer counts and passes ``num_items_in_batch`` only to models
+    that accept loss kwargs (Qwen2.5-VL's class sets ``accepts_loss_kwargs = False``); otherwise each micro-batch's
+    loss is its own mean, divided by the accumulation steps."""
+    if trainer.model_accepts_loss_kwargs or trainer.compute_loss_func is not None:
+        return "sum / num_items_in_batch (the step's supervised tokens over all micro-batches)"
+    return ("a mean of micro-batch means (each micro-batch's mean / accumulation steps: the model class sets "
+            "accepts_loss_kwargs=False, so Trainer passes no num_items_in_batch)")
+
+
 def common_args(spec: dict, out_dir: Path) -> dict:
     return dict(output_dir=str(out_dir), per_device_train_batch_size=spec["micro_batch"],
                 gradient_accumulation_steps=spec["global_batch"] // spec["micro_batch"], max_steps=spec["steps"],
@@ -256,8 +266,7 @@ def run_hf(spec: dict, which: str) -> dict:
         trainer = Trainer(model=model, args=args, train_dataset=dataset,
                           data_collator=benchlib.CountingCollator(collator, batches),
                           optimizers=(optimizer, scheduler), callbacks=[clock])
-        config.update(loss="the model's own loss (ForCausalLMLoss): sum / num_items_in_batch (the step's "
-                           "supervised tokens, counted by Trainer over all micro-batches); full logits",
+        config.update(loss=f"the model's own loss (ForCausalLMLoss), full logits; {normalisation(trainer)}",
                       labels="answer + <|im_end|> (harness collator, spans located in the token ids)")
     else:
         from trl import SFTConfig, SFTTrainer
@@ -270,8 +279,7 @@ def run_hf(spec: dict, which: str) -> dict:
 
         swapped = trainer.chat_template
         config.update(
-            loss="SFTTrainer nll: per-token -log p summed / num_items_in_batch (the step's supervised tokens); "
-                 "TRL's fused LM head (no full logits)",
+            loss=f"SFTTrainer nll, TRL's fused LM head (no full logits); {normalisation(trainer)}",
             labels="TRL assistant mask from {% generation %} markers: answer + <|im_end|> + '\\n'",
             chat_template=("TRL swapped in its qwen2_5_vl training template" if swapped is not None
                            and swapped == qwen2_5_vl_training_chat_template
