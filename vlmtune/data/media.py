@@ -51,6 +51,13 @@ def load_image(value: Any, root: Path | None, index: int, max_pixels: int = DEFA
                                       "path, a PIL image or {'bytes': ..., 'path': ...}")
 
 
+def local_path(ref: str, root: Path | None) -> Path:
+    """A data file's path as a record names it (plain or ``file://``, ``~``, percent-escapes), relative ones
+    under the data source's ``image_root`` (else the working directory)."""
+    path = Path(unquote(ref.removeprefix("file://"))).expanduser()
+    return path if path.is_absolute() else (root or Path.cwd()) / path
+
+
 def _image_at(ref: str, root: Path | None, index: int, max_pixels: int) -> PIL.Image.Image:
     if ref.startswith(("http://", "https://")):
         raise _error(index, "unreadable_image", f"image {ref!r} is a remote URL; vlmtune does not fetch images "
@@ -61,9 +68,7 @@ def _image_at(ref: str, root: Path | None, index: int, max_pixels: int) -> PIL.I
         except binascii.Error as e:
             raise _error(index, "unreadable_image", f"data: URI image is not valid base64 ({e})") from e
         return _decode(io.BytesIO(data), "data: URI", index, max_pixels)
-    path = Path(unquote(ref.removeprefix("file://"))).expanduser()
-    if not path.is_absolute():
-        path = (root or Path.cwd()) / path
+    path = local_path(ref, root)
     if not path.is_file():
         raise _error(index, "unreadable_image", f"image {ref!r} not found (looked at {str(path)!r}); fix the "
                                                 "path or set the data source's image_root")

@@ -31,11 +31,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 import numpy as np
 
-from vlmtune.data.media import DEFAULT_MAX_PIXELS, image_summary, load_image
+from vlmtune.data.media import DEFAULT_MAX_PIXELS, image_summary, load_image, local_path
 from vlmtune.errors import SampleError
 
 FALLBACK_FRAMES = 8  # neither the recipe nor the model's video processor says how many
@@ -175,9 +174,7 @@ def _resolve(ref: str, root: Path | None, index: int) -> Path:
     if _URL.match(ref) and not ref.startswith("file://"):
         raise _error(index, "unreadable_video", f"video {ref!r} is a remote URL; vlmtune does not fetch videos over "
                                                 "the network: download them and use local paths")
-    path = Path(unquote(ref.removeprefix("file://"))).expanduser()
-    if not path.is_absolute():
-        path = (root or Path.cwd()) / path
+    path = local_path(ref, root)
     if not path.exists():
         raise _error(index, "unreadable_video", f"video {ref!r} not found (looked at {str(path)!r}); fix the path "
                                                 "or set the data source's image_root")
