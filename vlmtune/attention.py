@@ -28,13 +28,12 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from vlmtune.varlen import attend
+from vlmtune.varlen import attend, longest_segment
 from vlmtune.vision import VarlenVisionAttention, VisionInputs, use_varlen_vision_attention
 
 VARLEN = "vlmtune_varlen"
 SEGMENT_SDPA = "vlmtune_segment_sdpa"
 ROWS_PER_CHECK = 1024
-PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # transformers' varlen keywords
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -49,7 +48,7 @@ def packed_row_inputs(position_ids: torch.Tensor) -> dict:
         raise ValueError(f"a packed micro-batch is one row, got position_ids of shape {tuple(position_ids.shape)}")
     starts = (text[0] == 0).nonzero().squeeze(1).tolist()
     bounds = torch.tensor([*starts, text.shape[1]], dtype=torch.int32)
-    longest = int((bounds[1:] - bounds[:-1]).max())
+    longest = longest_segment(bounds)
     return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest}
 
 
@@ -94,19 +93,14 @@ def text_attention_blocker(model: torch.nn.Module) -> str:
     return ""
 
 
-def text_configs(model: torch.nn.Module) -> list[str]:
-    """The sub-config keys of the model's language model (``text_config`` in every supported family)."""
-    return [key for key in getattr(model.config, "sub_configs", {}) if key == "text_config"]
-
-
 def use_varlen_text_attention(model: torch.nn.Module) -> bool:
     """Switch the language model of a model that attends with sdpa to VARLEN (packed rows only); False if it
     cannot (see :func:`text_attention_blocker`), and the model is left unchanged."""
-    if text_attention_blocker(model) or not text_configs(model):
+    if text_attention_blocker(model) or "text_config" not in getattr(model.config, "sub_configs", {}):
         return False
     AttentionInterface.register(VARLEN, varlen_attention)
-    model.set_attn_implementation({key: VARLEN for key in text_configs(model)})
-    return model.config.get_text_config()._attn_implementation == VARLEN
+    model.set_attn_implementation({"text_config": VARLEN})  # the language model only, not the vision tower
+    return uses_varlen_text(model)
 
 
 def uses_varlen_text(model: torch.nn.Module) -> bool:

@@ -396,11 +396,6 @@ _BOOKKEEPING = ("resume", "output_dir", "checkpoint.", "train.log_every_steps", 
                 "train.check_gradients", "data.num_workers", "distributed.", "logging.", "eval.")
 
 
-# Recipe keys that may change between a run and its resumption without changing what is trained.
-_BOOKKEEPING = ("resume", "output_dir", "checkpoint.", "train.log_every_steps", "train.max_bad_steps",
-                "train.check_gradients", "data.num_workers", "distributed.", "logging.", "eval.")
-
-
 def recipe_changes(saved_yaml: str, recipe: Recipe) -> list[str]:
     """``key: old -> new`` for every recipe value that differs from the checkpoint's (bookkeeping keys aside)."""
     old = _flat(safe_yaml(saved_yaml, "the checkpoint's recipe.yaml") or {})
@@ -705,6 +700,9 @@ def _save_sharded(ckpts: Checkpoints, recipe: Recipe, state: TrainState) -> Path
     tmp = ckpts.directory / name[0]
     if rank == 0:
         ckpts.directory.mkdir(parents=True, exist_ok=True)
+    # Every rank's shards go to one folder: the whole size (DTensor numels are global), checked by rank 0.
+    _space_on_every_rank(ckpts.directory, checkpoint_bytes(state), rank == 0)
+    if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()

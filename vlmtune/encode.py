@@ -16,7 +16,7 @@ import jinja2
 import torch
 
 from vlmtune.data.dataset import ConversationDataset
-from vlmtune.data.video import Video, fit_multiple, resolve_sampling, video_inputs
+from vlmtune.data.video import Video, resolve_sampling, video_inputs
 from vlmtune.errors import ModelLoadError, SampleError
 from vlmtune.families import Family
 
@@ -316,9 +316,7 @@ def _fewer(video, share: float):
     if not isinstance(video, Video) or len(video) <= 1:
         return video
     step = video.multiple if len(video) >= 2 * video.multiple else 1
-    n = min(int(len(video) * share), len(video) - step)
-    n = fit_multiple(max(n, 1), video.multiple, len(video))
-    return video.fewer(n) if n < len(video) else video
+    return video.fewer(max(min(int(len(video) * share), len(video) - step), 1))  # fewer() keeps whole patches
 
 
 def _with_videos(conversation: list[dict], videos: list) -> list[dict]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from vlmtune.config import EvalConfig, Recipe
 from vlmtune.data.dataset import ConversationDataset
 from vlmtune.errors import RecipeError
 from vlmtune.families import Family
-from vlmtune.generate import Generator, predict, split_model_and_data
+from vlmtune.generate import Generator, predict, split_dataset, split_model_and_data, split_spec
 from vlmtune.parallel import max_over_ranks, world
 from vlmtune.scores import DEFAULT_METRICS, METRICS, check_metrics, rescore_file, score_rows
 
@@ -46,8 +47,7 @@ def evaluator_for(recipe: Recipe, model: torch.nn.Module, processor, family: Fam
     ecfg = recipe.eval
     if ecfg is None:
         return None
-    spec = recipe.data.validation if ecfg.split == "validation" else recipe.data.train
-    ds = ConversationDataset(spec, f"data.{ecfg.split}", recipe.data.max_image_pixels)
+    ds = split_dataset(recipe, ecfg.split, split_spec(recipe, ecfg.split, "eval"), processor)
     return Evaluator(Generator(model, processor, family, ecfg.max_new_tokens), ds, metrics_for(ecfg, ds.format),
                      think_tags(ecfg, family))
 
@@ -140,6 +140,8 @@ def evaluate_in_training(gen: Generator, ds: ConversationDataset, ecfg: EvalConf
 def better(value: float, best: float | None, metric: str, mode: str | None) -> bool:
     """Whether `value` beats `best` (None: nothing yet) for `metric`, maximised unless ``mode`` or the metric's
     direction says otherwise (error rates are minimised)."""
+    if not math.isfinite(value):  # no score (no eval sample could be read): never the best
+        return False
     maximise = (mode or ("max" if METRICS[metric].higher_is_better else "min")) == "max"
     return best is None or (value > best if maximise else value < best)
 

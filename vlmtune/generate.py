@@ -215,11 +215,22 @@ def generate_split(recipe: Recipe, split: str, out: str | Path, model_path: str 
 def split_model_and_data(recipe: Recipe, split: str, model_path: str | None, adapter: str | None,
                          command: str) -> tuple[torch.nn.Module, object, Family, ConversationDataset]:
     """The model to generate with (`model_path`, else the run's final/ folder, else the base) and the split."""
-    spec = recipe.data.train if split == "train" else recipe.data.validation
-    if spec is None:
-        raise RecipeError(f"{command} --split {split}: the recipe has no data.{split}")
+    spec = split_spec(recipe, split, command)
     model_path = model_path or default_model(recipe)
     print(f"vlmtune {command}: model {model_path}" + (f" + adapter {adapter}" if adapter else ""), file=sys.stderr)
     model, processor, family = load_for_inference(model_path, adapter, pick_device(recipe.train.device), recipe.model)
+    return model, processor, family, split_dataset(recipe, split, spec, processor)
+
+
+def split_spec(recipe: Recipe, split: str, command: str):
+    spec = recipe.data.train if split == "train" else recipe.data.validation
+    if spec is None:
+        raise RecipeError(f"{command} --split {split}: the recipe has no data.{split}")
+    return spec
+
+
+def split_dataset(recipe: Recipe, split: str, spec, processor) -> ConversationDataset:
+    """A split's conversations as training reads them: the recipe's image cap and video sampling (for this
+    processor)."""
     video = resolve_sampling(recipe.data.video, getattr(processor, "video_processor", None))
-    return model, processor, family, ConversationDataset(spec, f"data.{split}", recipe.data.max_image_pixels, video)
+    return ConversationDataset(spec, f"data.{split}", recipe.data.max_image_pixels, video)

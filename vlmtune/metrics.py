@@ -18,6 +18,10 @@ from vlmtune.encode import Encoded, Skipped
 from vlmtune.trackers import Trackers
 
 
+def strict_json(record: dict) -> dict:
+    """The record with NaN / inf values (a skipped step, see checkpoint.py) as None: written as null."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+
 class Metrics:
     """One JSON object per line in ``output_dir/metrics.jsonl``, the same numbers to the trackers; only the writing
     rank writes."""
@@ -38,10 +42,8 @@ class Metrics:
         """A line of metrics.jsonl, and `tracked` (default: the record's numbers) to the trackers at its step."""
         if not self.enabled:
             return
-        # Strict JSON: a NaN/inf value (a skipped step, see checkpoint.py) is written as null.
-        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with self.path.open("a") as f:
-            f.write(json.dumps(clean, allow_nan=False) + "\n")
+            f.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
         if self.trackers is not None:
             self.trackers.log(record["step"], tracked if tracked is not None else record)
 

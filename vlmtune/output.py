@@ -20,18 +20,18 @@ LOCK = ".vlmtune.lock"
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-def prepare(path: str | Path, key: str = "output_dir") -> Path:
+def prepare(path: str | Path) -> Path:
     """`path` as an existing, writable folder (made if missing), or an OutputError that says why not."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise OutputError(f"{key}={str(path)!r} is a file, not a folder; choose a folder for the run's outputs")
+        raise OutputError(f"output_dir={str(path)!r} is a file, not a folder; choose a folder for the run's outputs")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise OutputError(f"{key}={str(path)!r} cannot be written ({e.strerror or e}); choose a folder on a "
+        raise OutputError(f"output_dir={str(path)!r} cannot be written ({e.strerror or e}); choose a folder on a "
                           "writable file system you have permission to write to") from e
     return path
 
@@ -51,8 +51,8 @@ class RunLock:
     time. A second run into the same folder stops with a one-line error naming the holder; a lock whose process is
     gone (same host) is stale and taken over, saying so; one from another host is reported, with how to remove it."""
 
-    def __init__(self, folder: Path, key: str = "output_dir"):
-        self.path, self.key = Path(folder) / LOCK, key
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / LOCK
         self.held = False
 
     def _holder(self) -> dict | None:
@@ -73,7 +73,7 @@ class RunLock:
                 json.dump(me, f)
             self.held = True
             return
-        raise OutputError(f"{self.key}: could not take the lock {self.path}; another run keeps taking it")
+        raise OutputError(f"output_dir: could not take the lock {self.path}; another run keeps taking it")
 
     def _refuse_or_clear(self, host: str) -> None:
         holder = self._holder()
@@ -81,12 +81,12 @@ class RunLock:
             time.sleep(0.2)
             holder = self._holder()
         if holder is not None and holder.get("host") == host and _pid_alive(int(holder.get("pid", -1))):
-            raise OutputError(f"{self.key}={str(self.path.parent)!r} is in use by another vlmtune run (host "
+            raise OutputError(f"output_dir={str(self.path.parent)!r} is in use by another vlmtune run (host "
                               f"{holder['host']}, pid {holder['pid']}, started {holder.get('started')}); wait for "
                               f"it to finish, stop it, or choose another output_dir (if no run is going on there, "
                               f"delete {self.path})")
         if holder is not None and holder.get("host") != host:
-            raise OutputError(f"{self.key}={str(self.path.parent)!r} is locked by a run on host {holder.get('host')} "
+            raise OutputError(f"output_dir={str(self.path.parent)!r} is locked by a run on host {holder.get('host')} "
                               f"(pid {holder.get('pid')}, started {holder.get('started')}); if that run is over, "
                               f"delete {self.path}, else choose another output_dir")
         print(f"vlmtune: {self.path}: the run that held it (pid {holder and holder.get('pid')}) is gone; taking "
@@ -109,18 +109,18 @@ class RunLock:
 
 
 @contextlib.contextmanager
-def hold(path: str | Path, key: str = "output_dir") -> Iterator[Path]:
+def hold(path: str | Path) -> Iterator[Path]:
     """`path` made usable and held by this run for the block: rank 0 takes the lock, and every rank learns whether
     it could (so that no rank goes on alone)."""
-    folder = prepare(path, key)
-    lock, problem = RunLock(folder, key), None
+    folder = prepare(path)
+    lock, problem = RunLock(folder), None
     if world()[0] == 0:
         try:
             lock.acquire()
         except OutputError as e:
             problem = e
     if sum_over_ranks(float(problem is not None)) > 0:
-        raise problem or OutputError(f"{key}={str(folder)!r} is in use by another run (rank 0 says which)")
+        raise problem or OutputError(f"output_dir={str(folder)!r} is in use by another run (rank 0 says which)")
     try:
         yield folder
     finally:

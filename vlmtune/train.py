@@ -50,7 +50,7 @@ from vlmtune.evaluate import write as write_eval
 from vlmtune.families import Family
 from vlmtune.kernels import require_liger, use_liger_norms
 from vlmtune.loss import loss_sum, supervised_count, token_weight_table
-from vlmtune.metrics import Metrics
+from vlmtune.metrics import Metrics, strict_json
 from vlmtune.model import apply_freeze, autocast_dtype, load_model, pick_device
 from vlmtune.output import hold
 from vlmtune.parallel import (
@@ -433,19 +433,24 @@ def _due(every: int | None, step: int, last: int) -> bool:
     return bool(every and step % every == 0) or step == last
 
 
-def evaluations_due(s: Session, step: int) -> bool:
+def due_now(s: Session, step: int) -> tuple[bool, bool]:
+    """(validation loss, task evaluation) due at `step`."""
     val = s.data.val_loader is not None and _due(s.recipe.train.val_every_steps, step, s.total_steps)
-    return val or (s.evaluator is not None and _due(s.recipe.eval.every_steps, step, s.total_steps))
+    return val, s.evaluator is not None and _due(s.recipe.eval.every_steps, step, s.total_steps)
+
+
+def evaluations_due(s: Session, step: int) -> bool:
+    return any(due_now(s, step))
 
 
 def run_evaluations(s: Session, step: int) -> None:
     """The validation loss and the task evaluation due at `step`; neither moves the training RNG streams."""
-    if s.data.val_loader is not None and _due(s.recipe.train.val_every_steps, step, s.total_steps):
-        with preserve_rng():
+    val, evaluation = due_now(s, step)
+    with preserve_rng():
+        if val:
             s.state.run.last_val, n = validate(s)
-        s.state.metrics.validation(step, s.state.run.last_val, n)
-    if s.evaluator is not None and _due(s.recipe.eval.every_steps, step, s.total_steps):
-        with preserve_rng():
+            s.state.metrics.validation(step, s.state.run.last_val, n)
+        if evaluation:
             run_evaluation(s, step)
 
 
@@ -464,7 +469,8 @@ def run_evaluation(s: Session, step: int) -> None:
     best = s.recipe.checkpoint.best
     if best is None:
         return
-    value = sum_over_ranks(result[1][best.metric] if result is not None else 0.0)  # rank 0's, on every rank
+    # Rank 0's value on every rank; nan (never better) when no eval sample could be read.
+    value = sum_over_ranks(result[1].get(best.metric, math.nan) if result is not None else 0.0)
     if better(value, run.best_value, best.metric, best.mode):
         run.best_value, run.best_step = value, step
         save_hf(s.state.model, s.processor, s.out_dir / "best")
@@ -477,17 +483,16 @@ def run_evaluation(s: Session, step: int) -> None:
 def validate(s: Session) -> tuple[float, int]:
     """The validation loss (summed token losses / supervised tokens, over every rank) and its token count."""
     e, model, limit = s.engine, s.state.model, s.recipe.train.val_max_batches
-    model.eval()
     total, count = 0.0, 0
-    for i, items in enumerate(s.data.val_loader):
-        if limit is not None and i >= limit:
-            break
-        for batch in s.data.batcher([it for it in items if isinstance(it, Encoded)]):
-            tensors = to_device(batch.tensors, e.device, e.dtype, e.cast_keys)
-            with e.amp():
-                total += float(loss_sum(model, tensors, e.chunk_tokens, "torch", e.token_weights))
-            count += supervised_count(tensors["labels"])
-    model.train()
+    with eval_mode(model):
+        for i, items in enumerate(s.data.val_loader):
+            if limit is not None and i >= limit:
+                break
+            for batch in s.data.batcher([it for it in items if isinstance(it, Encoded)]):
+                tensors = to_device(batch.tensors, e.device, e.dtype, e.cast_keys)
+                with e.amp():
+                    total += float(loss_sum(model, tensors, e.chunk_tokens, "torch", e.token_weights))
+                count += supervised_count(tensors["labels"])
     total, count = sum_over_ranks(total), int(sum_over_ranks(count))
     return (total / count if count else float("nan")), count
 
@@ -582,7 +587,7 @@ def write_summary(s: Session, stopped_by: str | None, saved: Path | None, final:
                            "value": run.best_value, "model": str(s.out_dir / "best")}
     if error is not None:
         summary["error"] = error
-    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
+    clean = strict_json(summary)
     (s.out_dir / "summary.json").write_text(json.dumps(clean, indent=2, allow_nan=False) + "\n")
     s.trackers.summary(clean)
     try:  # the report is a view of the run's files: it never fails the run

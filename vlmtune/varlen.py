@@ -19,6 +19,11 @@ import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 
+def longest_segment(cu_seqlens: torch.Tensor) -> int:
+    """The longest segment of cumulative bounds (0 for none); a read-back when they are on the GPU."""
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if len(cu_seqlens) > 1 else 0
+
+
 @functools.cache
 def varlen_parameters() -> frozenset[str]:
     """The keyword parameters of this torch's ``varlen_attn`` (torch 2.10 takes ``is_causal``, 2.11+ ``window_size``,
@@ -63,7 +68,7 @@ def _cuda_varlen(q, k, v, cu_seqlens, max_seqlen, scale, causal, window) -> torc
 
     have = varlen_parameters()
     if max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        max_seqlen = longest_segment(cu_seqlens)
     dv = v.shape[-1]
     if dv < q.shape[-1]:  # MLA (DeepSeek-V3 / Mistral 4): value heads narrower than query / key heads
         v = F.pad(v, (0, q.shape[-1] - dv))

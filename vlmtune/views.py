@@ -38,9 +38,6 @@ def sample_view(sample: Encoded, conversation: list[dict], decode: Callable[[lis
     ids, labels = sample.tensors[sample.ids_key].tolist(), sample.tensors["labels"].tolist()
     runs = [[decode(toks), trained] for toks, trained in trained_runs(ids, labels)]
     videos = [video_summary(v, thumbnail) for v in media_of(conversation, "video")]
-    kept = [m["frames"] for m in sample.media if m["type"] == "video"]
-    for summary, frames in zip(videos, kept, strict=False):
-        summary["frames_encoded"] = frames
     return {"index": sample.index, "input_ids": ids, "labels": labels, "text": decode(ids), "runs": runs,
             "trained_spans": [text for text, trained in runs if trained],
             "images": [image_summary(im, thumbnail) for im in media_of(conversation, "image")],

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import vision_utils
 
-from vlmtune.varlen import attend
+from vlmtune.varlen import attend, longest_segment
 
 # The stock vision attention classes (module.qualname) whose forward this module reproduces; tests/test_varlen.py
 # compares each with the swap, logits and gradients.
@@ -57,7 +57,6 @@ class VarlenVisionAttention(torch.nn.Module):
         super().__init__()
         for name, child in stock.named_children():
             self.add_module(name, child)
-        self.stock_class = qualname(type(stock))
         self.num_heads, self.head_dim, self.scaling = stock.num_heads, stock.head_dim, stock.scaling
         self.attention_dropout = stock.attention_dropout
         self.num_key_value_groups, self.is_causal = 1, False  # read by transformers' sdpa (CPU path)
@@ -91,10 +90,6 @@ def use_varlen_vision_attention(model: torch.nn.Module) -> int:
     for name, stock in swaps:
         model.set_submodule(name, VarlenVisionAttention(stock))
     return len(swaps)
-
-
-def _longest(cu_seqlens: torch.Tensor) -> int:
-    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if len(cu_seqlens) > 1 else 0
 
 
 @dataclass(frozen=True)
@@ -139,10 +134,11 @@ class VisionInputs:
     def for_grid(self, grid: torch.Tensor) -> dict:
         out = {"position_ids": vision_utils.get_vision_position_ids(grid, self.merge)}
         cu = vision_utils.get_vision_cu_seqlens(grid, merge_temporal=self.merge_temporal)
-        out.update(cu_seqlens=cu, max_seqlen=_longest(cu))
+        out.update(cu_seqlens=cu, max_seqlen=longest_segment(cu))
         if self.window is not None:
             window_index, cu_window = vision_utils.get_vision_window_index(grid, self.merge, *self.window)
-            out.update(window_index=window_index, cu_window_seqlens=cu_window, max_window_seqlen=_longest(cu_window))
+            out.update(window_index=window_index, cu_window_seqlens=cu_window,
+                       max_window_seqlen=longest_segment(cu_window))
         if self.interpolation is not None:
             side, mode, corners = self.interpolation
             indices, weights = vision_utils.get_vision_interpolation_indices_and_weights(

@@ -29,7 +29,7 @@ from vlmtune.errors import SampleError
 DEFAULT_MAX_PIXELS = 64_000_000  # data.max_image_pixels: 8000 x 8000; decoding takes 3 bytes a pixel and more
 
 
-def _error(index: int, reason: str, message: str) -> SampleError:
+def sample_error(index: int, reason: str, message: str) -> SampleError:
     return SampleError(reason, f"row {index}: {message}")
 
 
@@ -46,8 +46,8 @@ def load_image(value: Any, root: Path | None, index: int, max_pixels: int = DEFA
     if isinstance(value, str | Path):
         return _image_at(str(value), root, index, max_pixels)
     if value is None:
-        raise _error(index, "bad_record", "an image is missing (null); fix or remove the record")
-    raise _error(index, "bad_record", f"image value of type {type(value).__name__} is not supported; use a "
+        raise sample_error(index, "bad_record", "an image is missing (null); fix or remove the record")
+    raise sample_error(index, "bad_record", f"image value of type {type(value).__name__} is not supported; use a "
                                       "path, a PIL image or {'bytes': ..., 'path': ...}")
 
 
@@ -60,17 +60,17 @@ def local_path(ref: str, root: Path | None) -> Path:
 
 def _image_at(ref: str, root: Path | None, index: int, max_pixels: int) -> PIL.Image.Image:
     if ref.startswith(("http://", "https://")):
-        raise _error(index, "unreadable_image", f"image {ref!r} is a remote URL; vlmtune does not fetch images "
+        raise sample_error(index, "unreadable_image", f"image {ref!r} is a remote URL; vlmtune does not fetch images "
                                                 "over the network: download them and use local paths")
     if ref.startswith("data:") and ";base64," in ref:
         try:
             data = base64.b64decode(ref.split(";base64,", 1)[1])
         except binascii.Error as e:
-            raise _error(index, "unreadable_image", f"data: URI image is not valid base64 ({e})") from e
+            raise sample_error(index, "unreadable_image", f"data: URI image is not valid base64 ({e})") from e
         return _decode(io.BytesIO(data), "data: URI", index, max_pixels)
     path = local_path(ref, root)
     if not path.is_file():
-        raise _error(index, "unreadable_image", f"image {ref!r} not found (looked at {str(path)!r}); fix the "
+        raise sample_error(index, "unreadable_image", f"image {ref!r} not found (looked at {str(path)!r}); fix the "
                                                 "path or set the data source's image_root")
     return _decode(path, ref, index, max_pixels)
 
@@ -79,16 +79,17 @@ def _decode(source: PIL.Image.Image | io.BytesIO | Path, label: str, index: int,
     # Force-load every pixel here, so a truncated or corrupt file is one counted SampleError now.
     try:
         if isinstance(source, PIL.Image.Image):
-            _check_size(source, label, index, max_pixels)
+            check_pixels(source.width, source.height, "image", label, index, max_pixels)
             source.load()
             return to_rgb(source)
         with PIL.Image.open(source) as im:
-            _check_size(im, label, index, max_pixels)  # from the header, before any pixel is decoded
+            # From the header, before any pixel is decoded.
+            check_pixels(im.width, im.height, "image", label, index, max_pixels)
             im.load()
             return to_rgb(im)
     except (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise _error(index, "unreadable_image",
+        raise sample_error(index, "unreadable_image",
                      f"image {label!r} could not be read ({reason}); fix or remove the file") from e
 
 
@@ -106,11 +107,12 @@ def image_summary(im: PIL.Image.Image, thumbnail: int = 0) -> dict:
     return summary
 
 
-def _check_size(im: PIL.Image.Image, label: str, index: int, max_pixels: int) -> None:
-    if im.width * im.height > max_pixels:
-        raise _error(index, "image_too_large", f"image {label!r} is {im.width} x {im.height} = "
-                                               f"{im.width * im.height:,} pixels, more than data.max_image_pixels="
-                                               f"{max_pixels:,}; shrink the image or raise data.max_image_pixels")
+def check_pixels(width: int, height: int, what: str, label: str, index: int, max_pixels: int) -> None:
+    """`what` ("image" or "video": a video's frame size) under data.max_image_pixels, from the header."""
+    if width * height > max_pixels:
+        raise sample_error(index, f"{what}_too_large", f"{what} {label!r} is {width} x {height} = {width * height:,} "
+                                                       f"pixels, more than data.max_image_pixels={max_pixels:,}; "
+                                                       f"shrink the {what} or raise data.max_image_pixels")
 
 
 def _to_8bit(im: PIL.Image.Image) -> PIL.Image.Image:

@@ -71,21 +71,19 @@ def _decode_text(path: Path, ctx: str) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
+        looks, iconv = _guess_encoding(data)
         raise DataError(f"{ctx}: the file is not UTF-8: bytes {data[e.start:e.end + 3]!r} at line {line} "
-                        f"(byte {e.start}); it looks like {_likely_encoding(data)}. Save it as UTF-8, e.g. "
-                        f"`iconv -f {_iconv_name(data)} -t utf-8 {path.name} > fixed{path.suffix}`") from None
+                        f"(byte {e.start}); it looks like {looks}. Save it as UTF-8, e.g. "
+                        f"`iconv -f {iconv} -t utf-8 {path.name} > fixed{path.suffix}`") from None
 
 
-def _likely_encoding(data: bytes) -> str:
+def _guess_encoding(data: bytes) -> tuple[str, str]:
+    """(what the bytes look like, its iconv name), from one test of the bytes."""
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return "UTF-16 (it starts with a UTF-16 byte-order mark)"
+        return "UTF-16 (it starts with a UTF-16 byte-order mark)", "utf-16"
     if data[:200].count(b"\x00") > len(data[:200]) // 4:
-        return "UTF-16 or UTF-32 (every other byte is zero)"
-    return "Latin-1 / Windows-1252 (an 8-bit Western encoding)"
-
-
-def _iconv_name(data: bytes) -> str:
-    return "utf-16" if data.startswith((b"\xff\xfe", b"\xfe\xff")) or data[:200].count(b"\x00") else "cp1252"
+        return "UTF-16 or UTF-32 (every other byte is zero)", "utf-16"
+    return "Latin-1 / Windows-1252 (an 8-bit Western encoding)", "cp1252"
 
 
 def _read_json(path: Path, ctx: str) -> Rows:

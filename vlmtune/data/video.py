@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from vlmtune.data.media import DEFAULT_MAX_PIXELS, image_summary, load_image, local_path
+from vlmtune.data.media import DEFAULT_MAX_PIXELS, check_pixels, image_summary, load_image, local_path
+from vlmtune.data.media import sample_error as _error
 from vlmtune.errors import SampleError
 
 FALLBACK_FRAMES = 8  # neither the recipe nor the model's video processor says how many
@@ -96,7 +97,6 @@ class Video:
     fps: float  # of the source
     indices: list[int]  # index in the source of each frame
     total_frames: int  # frames in the source
-    source: str = ""
     multiple: int = 1  # frame counts stay multiples of this (the processor's temporal patch)
 
     def __len__(self) -> int:
@@ -139,10 +139,6 @@ def video_inputs(videos: Sequence[Any]) -> dict:
 # Decoding
 
 
-def _error(index: int, reason: str, message: str) -> SampleError:
-    return SampleError(reason, f"row {index}: {message}")
-
-
 def load_video(value: Any, root: Path | None, index: int, sampling: VideoSampling,
                max_pixels: int = DEFAULT_MAX_PIXELS, fps: float | None = None) -> Video:
     """Decode one video reference of row `index` with `sampling`; relative paths start at `root`.
@@ -151,8 +147,8 @@ def load_video(value: Any, root: Path | None, index: int, sampling: VideoSamplin
     """
     if isinstance(value, Video):
         return value
-    if isinstance(value, dict) and ("bytes" in value or "path" in value):  # HF Video/Image-style storage
-        value = value.get("path") or value.get("bytes")
+    if isinstance(value, dict) and value.get("path"):  # HF Video/Image-style storage (a path; bytes are not read)
+        value = value["path"]
     if isinstance(value, list | tuple):
         return _from_frames(list(value), f"list of {len(value)} frames", root, index, sampling, max_pixels, fps)
     if isinstance(value, str | Path):
@@ -206,7 +202,7 @@ def _decode_file(path: Path, label: str, index: int, sampling: VideoSampling, ma
             if not container.streams.video:
                 raise _error(index, "unreadable_video", f"{label!r} has no video stream; fix or remove the record")
             stream = container.streams.video[0]
-            _check_pixels(stream.codec_context.width, stream.codec_context.height, label, index, max_pixels)
+            check_pixels(stream.codec_context.width, stream.codec_context.height, "video", label, index, max_pixels)
             fps = float(stream.average_rate or stream.guessed_rate or 0) or 24.0
             total = stream.frames or _count_frames(container, stream)
             if total <= 0:
@@ -221,7 +217,7 @@ def _decode_file(path: Path, label: str, index: int, sampling: VideoSampling, ma
     if len(frames) < len(wanted):
         raise _error(index, "unreadable_video", f"video {label!r} ends after {len(frames)} of the frames its header "
                                                 f"promises ({total}; truncated?); fix or remove the file")
-    return Video(np.stack(frames), fps, wanted, total, label, sampling.multiple)
+    return Video(np.stack(frames), fps, wanted, total, sampling.multiple)
 
 
 def _count_frames(container, stream) -> int:
@@ -260,14 +256,7 @@ def _from_frames(refs: list, label: str, root: Path | None, index: int, sampling
     if len({im.size for im in images}) > 1:
         raise _error(index, "unreadable_video", f"video {label!r}: its frames differ in size "
                                                 f"({sorted({im.size for im in images})}); make them one size")
-    return Video(np.stack([np.asarray(im) for im in images]), fps, wanted, len(refs), label, sampling.multiple)
-
-
-def _check_pixels(width: int, height: int, label: str, index: int, max_pixels: int) -> None:
-    if width * height > max_pixels:
-        raise _error(index, "video_too_large", f"video {label!r} has frames of {width} x {height} = "
-                                               f"{width * height:,} pixels, more than data.max_image_pixels="
-                                               f"{max_pixels:,}; shrink the video or raise data.max_image_pixels")
+    return Video(np.stack([np.asarray(im) for im in images]), fps, wanted, len(refs), sampling.multiple)
 
 
 def video_summary(video: Any, thumbnail: int = 0) -> dict:
