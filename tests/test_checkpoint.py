@@ -125,8 +125,8 @@ def assert_same_run(straight: Path, resumed: Path) -> None:
         assert sa[key] == sb[key], key
 
 
-class Killed(Exception):
-    """Stands in for the process dying."""
+class Killed(BaseException):
+    """Stands in for the process dying: no ``except Exception`` (a failed save's clean-up) catches it."""
 
 
 def die_at_step(monkeypatch, step: int) -> None:

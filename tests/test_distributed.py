@@ -425,9 +425,12 @@ def one_process(tiny_model_dir, color_data, tmp_path_factory) -> Launch:
                 "resumed": tree(tiny_model_dir, color_data, root / "resumed", distributed=fsdp2, **ADAPTER)}
         runs["ckpt"]["checkpoint"] = CKPT
         runs["resumed"]["resume"] = str(root / "ckpt" / "checkpoints" / "step-000002")
+        # Last (it ends the launch): the second sharded checkpoint meets a full disk midway.
+        runs["nospace"] = tree(tiny_model_dir, color_data, root / "nospace", distributed=fsdp2, **ADAPTER)
+        runs["nospace"]["checkpoint"] = CKPT
         return runs
 
-    return shared_launch(tmp_path_factory, "one-process", runs, nproc=1)
+    return shared_launch(tmp_path_factory, "one-process", runs, nproc=1, fail=("--no-space-at-save", "2"))
 
 
 def test_fsdp2_on_one_process_matches_a_plain_run(one_process, one_rank):
@@ -435,6 +438,18 @@ def test_fsdp2_on_one_process_matches_a_plain_run(one_process, one_rank):
     ref, out = one_rank("lora"), one_process.out("fsdp2")
     assert_same_losses(ref, out)
     assert_same_adapter(ref / "final", out / "final")
+
+
+def test_a_full_disk_during_a_sharded_save_leaves_the_last_checkpoint(one_process):
+    """A sharded (DCP) save that fails midway for want of space: one clear line, what it wrote removed, the
+    previous checkpoint intact and the run stopped without a final folder."""
+    assert one_process.started("nospace") and not one_process.done("nospace")
+    assert one_process.returncode != 0
+    assert "no space left on" in one_process.log and "MB needed" in one_process.log
+    checkpoints = Path(one_process.outs["nospace"]) / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000002"]  # no step-000004, no .tmp-* left
+    assert (checkpoints / "step-000002" / "COMPLETE").is_file()
+    assert not (Path(one_process.outs["nospace"]) / "final").exists()
 
 
 def test_fsdp2_on_one_process_resumes(one_process):

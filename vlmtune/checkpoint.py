@@ -471,11 +471,12 @@ class Checkpoints:
         if not self.writer:
             return final
         self.directory.mkdir(parents=True, exist_ok=True)
-        ensure_space(self.directory, checkpoint_bytes(state), self._intact())
+        needed = checkpoint_bytes(state)
+        ensure_space(self.directory, needed, self._intact())
         tmp = self.directory / f"{final.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        with self._cleaned_on_failure(tmp, checkpoint_bytes(state)):
+        with self._cleaned_on_failure(tmp, needed):
             n = _write_trainable(tmp / TRAINABLE, state.model)
             _write_torch(tmp / OPTIMIZER, {"optimizer": state.optimizer.state_dict(),
                                            "scheduler": state.scheduler.state_dict()})
@@ -490,12 +491,14 @@ class Checkpoints:
         return f" from {done[-1]}, which is intact" if done else ""
 
     @contextlib.contextmanager
-    def _cleaned_on_failure(self, tmp: Path, needed: int) -> Iterator[None]:
-        """A save that fails leaves nothing behind (a full disk stays as full as it was); no space -> one line."""
+    def _cleaned_on_failure(self, tmp: Path, needed: int, remove: bool = True) -> Iterator[None]:
+        """A save that fails leaves nothing behind (a full disk stays as full as it was); no space -> one line.
+        `remove`: this process deletes `tmp` (in a sharded save, rank 0)."""
         try:
             yield
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
+        except Exception as e:
+            if remove:
+                shutil.rmtree(tmp, ignore_errors=True)
             if is_no_space(e):
                 raise no_space(self.directory, needed, keep=self._intact()) from e
             raise
@@ -701,24 +704,26 @@ def _save_sharded(ckpts: Checkpoints, recipe: Recipe, state: TrainState) -> Path
     if rank == 0:
         ckpts.directory.mkdir(parents=True, exist_ok=True)
     # Every rank's shards go to one folder: the whole size (DTensor numels are global), checked by rank 0.
-    _space_on_every_rank(ckpts.directory, checkpoint_bytes(state), rank == 0)
+    needed = checkpoint_bytes(state)
+    _space_on_every_rank(ckpts.directory, needed, rank == 0)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
-    model_sd, optim_sd = get_state_dict(state.model, state.optimizer, options=_dcp_options())
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
-    _write_torch(tmp / f"rng-{rank}.pt", rng_state())
-    positions = [None] * world_size
-    dist.all_gather_object(positions, [state.sampler.epoch, state.sampler.offset])
-    dist.barrier()  # every rank's files are written
-    if rank == 0:
-        _write_torch(tmp / "scheduler.pt", state.scheduler.state_dict())
-        record = _state_record(state)
-        record["data"]["positions"] = positions
-        record.update(sharded=True, world_size=world_size, files=_sizes(tmp))
-        _write_text(tmp / STATE, json.dumps(record, indent=2) + "\n")
-        ckpts._publish(tmp, final, recipe)
+    with ckpts._cleaned_on_failure(tmp, needed, remove=rank == 0):
+        model_sd, optim_sd = get_state_dict(state.model, state.optimizer, options=_dcp_options())
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+        _write_torch(tmp / f"rng-{rank}.pt", rng_state())
+        positions = [None] * world_size
+        dist.all_gather_object(positions, [state.sampler.epoch, state.sampler.offset])
+        dist.barrier()  # every rank's files are written
+        if rank == 0:
+            _write_torch(tmp / "scheduler.pt", state.scheduler.state_dict())
+            record = _state_record(state)
+            record["data"]["positions"] = positions
+            record.update(sharded=True, world_size=world_size, files=_sizes(tmp))
+            _write_text(tmp / STATE, json.dumps(record, indent=2) + "\n")
+            ckpts._publish(tmp, final, recipe)
     dist.barrier()
     return final
 

@@ -148,5 +148,6 @@ def ensure_space(path: Path, needed: int, keep: str = "") -> None:
         raise no_space(path, needed, free, keep)
 
 
-def is_no_space(e: OSError) -> bool:
-    return e.errno in _NO_SPACE or "No space left" in str(e)
+def is_no_space(e: BaseException) -> bool:
+    """An OSError of a full disk, or an error that reports one (DCP gathers the ranks' errors into its own)."""
+    return getattr(e, "errno", None) in _NO_SPACE or "No space left" in str(e)
