@@ -3,7 +3,8 @@
 #   1. bench/gpu_smoke.sh      FSDP2 under torchrun: full (+ checkpoint), LoRA with packing (varlen attention),
 #                              cpu_offload, resume
 #   2. bench/gpu_varlen.py     train.attention=varlen and train.compile on CUDA: kernel vs sdpa, tiny models end to
-#                              end (bf16 vs fp32), host syncs stock vs varlen, regional compile without recompiles
+#                              end (bf16 vs fp32), host syncs stock vs varlen, regional compile without recompiles,
+#                              pinned micro-batches from the collation thread
 #   3. bench/gpu.sh            the 3B benchmark (issue 19's "Measure it honestly"): global batch 64, timed window,
 #                              median/p10/p90, data wait, profiled step, MFU with and without the vision tower.
 #                              Runs, in this order (the time budget drops the last ones first): full fine-tune on
@@ -28,7 +29,7 @@ tail -n 3 "$OUT_DIR/smoke.txt"
 # gpu_smoke.sh installed the carried wheels into /tmp/vlmtune-site
 PYTHONPATH=/tmp/vlmtune-site:$PWD timeout 90 "$PYTHON" bench/gpu_varlen.py --out "$OUT_DIR/varlen.json" \
   > "$OUT_DIR/varlen.txt" 2>&1 || STATUS=1
-grep -E "FAIL|syncs|compile\)|first micro-batch|\[gpu_varlen\]" "$OUT_DIR/varlen.txt" | tail -n 8
+grep -E "FAIL|syncs|compile\)|first micro-batch|pinned|\[gpu_varlen\]" "$OUT_DIR/varlen.txt" | tail -n 9
 
 RUNS=full-receipts-packed8k,full-receipts-padded4-stock,lora-receipts-packed8k,full-mixed-packed8k
 GPU_BENCH_DEADLINE_S=${GPU_BENCH_DEADLINE_S:-280} bash bench/gpu.sh /tmp/vlmtune-bench --workloads receipts,mixed \

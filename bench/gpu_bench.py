@@ -311,6 +311,7 @@ def profile_summary(prof, wall_s: float, out_file: Path | None) -> dict:
 def child_run(spec: dict, run: dict) -> dict:
     import torch
 
+    import vlmtune.batching
     import vlmtune.metrics
     import vlmtune.train
     from vlmtune.config import build_recipe
@@ -321,7 +322,7 @@ def child_run(spec: dict, run: dict) -> dict:
     batches: list[dict] = []
     ends: list[float] = []  # end of each optimizer step (after a device sync)
     per_step_batches: list[int] = []  # micro-batches recorded when each step ended
-    waits: list[float] = []  # seconds the loop waited for each step's samples
+    waits: list[float] = []  # seconds the loop waited for each step's samples and its collated micro-batches
     losses: list[float] = []
     profiled: dict = {}
     warmup, window_s, min_steps = spec["warmup_steps"], spec["window_s"], spec["min_window_steps"]
@@ -329,7 +330,8 @@ def child_run(spec: dict, run: dict) -> dict:
     stop_by = run.get("stop_by", float("inf"))
 
     # Observation hooks (this process only; vlmtune itself is unchanged): each micro-batch as the loop moves it to
-    # the device, the time the loop waits for a step's samples, one profiled step, and a clock at each step's end.
+    # the device, the time the loop waits for a step's samples and for the collation thread, one profiled step, and a
+    # clock at each step's end.
     def to_device(batch, *args, **kwargs):
         if "labels" in batch:
             stats = benchlib.batch_stats(batch)
@@ -344,6 +346,16 @@ def child_run(spec: dict, run: dict) -> dict:
         out = original_next_samples(*args, **kwargs)
         waits.append(benchlib.now() - t0)
         return out
+
+    def stream(*args, **kwargs):
+        inner = original_stream(*args, **kwargs)
+        while True:
+            t0 = benchlib.now()
+            b = next(inner, None)
+            waits[-1] += benchlib.now() - t0
+            if b is None:
+                return
+            yield b
 
     def train_step(*args, **kwargs):
         if len(ends) + 1 != profile_at:
@@ -379,6 +391,7 @@ def child_run(spec: dict, run: dict) -> dict:
 
     original_to_device, vlmtune.train.to_device = vlmtune.train.to_device, to_device
     original_next_samples, vlmtune.train.next_samples = vlmtune.train.next_samples, next_samples
+    original_stream, vlmtune.batching.Batcher.stream = vlmtune.batching.Batcher.stream, stream
     original_train_step, vlmtune.train.train_step = vlmtune.train.train_step, train_step
     original_step, vlmtune.metrics.Metrics.step = vlmtune.metrics.Metrics.step, timed_step
     if cuda:

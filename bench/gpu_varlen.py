@@ -13,6 +13,8 @@
    (segment_sdpa, transformers' vision tower) against varlen; counts and the places they come from.
 4. Regional compile (inductor) of the tiny Qwen2.5-VL, 5 micro-batches of changing length: loss against eager,
    compile time, graphs after the first micro-batch (must not grow).
+5. The loop's micro-batches from Batcher.stream (the collation thread): every tensor page-locked, and the loss
+   of each equal to that of the same micro-batch collated eagerly into pageable memory.
 Exits 1 if a check fails; writes every number to --out.
 """
 
@@ -236,15 +238,52 @@ def check_compile() -> None:
         print("  FAIL recompiles or a loss off eager's", flush=True)
 
 
+def check_pinned() -> None:
+    """5. The loop's micro-batches: collated on the helper thread into page-locked memory (CUDA), copied to the
+    device without blocking, and the loss the same as from the eagerly collated, pageable batches."""
+    from vlmtune.attention import host_inputs, setup_attention
+    from vlmtune.batching import Batcher, rope_index_module
+    from vlmtune.encode import SampleEncoder
+    from vlmtune.loss import loss_sum
+    from vlmtune.train import to_device
+
+    print("5. pinned micro-batches from the collation thread (packed Qwen2.5-VL, bf16)", flush=True)
+    model, processor, family = tiny("qwen2_5_vl")("bfloat16")
+    setup_attention(model, "varlen", packed=True)
+    samples = [SampleEncoder(processor, family, max_length=4096)(conversation(i, family.name), i) for i in range(6)]
+    pin = DEVICE.type == "cuda"
+
+    def batcher(pinned: bool) -> Batcher:
+        return Batcher(processor.tokenizer.pad_token_id, 2, None, True, rope_index_module(model), None,
+                       family.uniform_media, host_inputs(model), pin=pinned)
+
+    streamed = batcher(pin)
+    got = list(streamed.stream(streamed.plan(samples)))
+    want = batcher(False)(samples)
+    tensors = [v for b in got for v in b.tensors.values() if isinstance(v, torch.Tensor)]
+    pinned = all(v.is_pinned() for v in tensors) if pin else None
+    def loss(b) -> torch.Tensor:
+        return loss_sum(model, to_device(b.tensors, DEVICE, torch.bfloat16, family.cast_to_model_dtype))
+
+    with torch.no_grad():
+        same = all(torch.equal(loss(a), loss(b)) for a, b in zip(got, want, strict=True))
+    print(f"  {len(got)} micro-batches; all tensors pinned: {pinned}; losses equal to the eager batches': {same}",
+          flush=True)
+    RESULTS["pinned"] = {"micro_batches": len(got), "pinned": pinned, "same_loss": same}
+    if pinned is False or not same:
+        FAILED.append("pinned")
+        print("  FAIL a tensor not pinned, or a loss off the eager batches'", flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--cpu-dry", action="store_true", help="run the script's code paths on CPU (numbers meaningless)")
     args = p.parse_args()
     global DEVICE
-    checks = [check_kernel, check_models, check_syncs, check_compile]
+    checks = [check_kernel, check_models, check_syncs, check_compile, check_pinned]
     if args.cpu_dry:
-        DEVICE, checks = torch.device("cpu"), [check_models, check_compile]
+        DEVICE, checks = torch.device("cpu"), [check_models, check_compile, check_pinned]
     elif not torch.cuda.is_available():
         print("[gpu_varlen] no CUDA device (--cpu-dry checks the script on CPU)")
         return 2

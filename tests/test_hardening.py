@@ -358,8 +358,8 @@ def test_nonfinite_final_weights_are_not_written_and_the_summary_is_json(tiny_mo
 
     real = train_mod.train_step
 
-    def poisoned(state, engine, batches):
-        result = real(state, engine, batches)
+    def poisoned(state, engine, plan, batches):
+        result = real(state, engine, plan, batches)
         with torch.no_grad():
             next(p for p in state.model.parameters() if p.requires_grad).fill_(float("nan"))
         result.loss = float("nan")

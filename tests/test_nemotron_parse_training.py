@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
-from vlmtune.batching import check_packing, collate
+from vlmtune.batching import Batcher, check_packing, collate
 from vlmtune.checkpoint import save_hf
 from vlmtune.cli import main
 from vlmtune.config import DataSource, FreezeConfig, ModelConfig
@@ -98,6 +98,11 @@ def test_the_loss_path_equals_a_plain_reference_with_token_weights(loaded, datas
                 torch.testing.assert_close(loss_sum(model, batch, chunk, token_weights=weights), want,
                                            rtol=1e-5, atol=1e-4)
     assert loss_sum(model, batch, 7, token_weights=table) > loss_sum(model, batch, 7)
+
+    # The loop's counts, taken before collation (Batcher.plan), are those of the decoder's padded batch.
+    plan = Batcher(processor.tokenizer.pad_token_id, 2, None, False, None, None).plan([dataset[0], dataset[1]])
+    assert plan.padding == int((batch["decoder_attention_mask"] == 0).sum()) > 0
+    assert plan.supervised == int((targets != IGNORE).sum())
 
 
 @pytest.mark.parametrize("setting", ["full", "lora"])

@@ -14,9 +14,9 @@ from conftest import small_recipe
 from vlmtune import attention
 from vlmtune.attention import VARLEN, host_inputs, setup_attention, use_segment_attention
 from vlmtune.attention import segments as real_segments
-from vlmtune.batching import check_packing, equalize, group, micro_batch, rope_index_module
+from vlmtune.batching import Batcher, check_packing, equalize, filler_sample, group, micro_batch, rope_index_module
 from vlmtune.config import ModelConfig, build_recipe
-from vlmtune.encode import IGNORE, SampleEncoder
+from vlmtune.encode import IGNORE, Encoded, SampleEncoder
 from vlmtune.errors import PackingError
 from vlmtune.loss import loss_sum, model_inputs
 from vlmtune.model import load_model
@@ -77,6 +77,7 @@ def test_packed_logits_and_loss_equal_padded(name, tiny_model, monkeypatch):
         want = model(**model_inputs(padded), use_cache=False).logits[padded["attention_mask"].bool()]
         got = model(**model_inputs(packed), use_cache=False).logits[0]
         loss_padded, loss_packed = float(loss_sum(model, padded)), float(loss_sum(model, packed))
+    check_plan_counts(samples, pad, rope_index_module(model), filler_sample(encoder))
     if family.no_packing:
         with pytest.raises(PackingError, match=r"train\.packing"):
             check_packing(family)
@@ -100,6 +101,62 @@ def test_packed_logits_and_loss_equal_padded(name, tiny_model, monkeypatch):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert loss_packed == pytest.approx(loss_padded, rel=1e-5)
     torch.testing.assert_close(again, want, atol=0, rtol=0)  # a padded batch still takes plain sdpa
+
+
+def check_plan_counts(samples, pad, rope, filler) -> None:
+    """The loop counts a step's supervised and pad tokens before collating it (Batcher.plan): the collated
+    micro-batches (streamed, as training takes them; a filler row where one has no image) hold those counts."""
+    for packed in (False, True):
+        batcher = Batcher(pad, 2, None, packed, rope if packed else None, filler)
+        plan = batcher.plan(samples)
+        batches = list(batcher.stream(plan))
+        masks = [b.tensors.get("attention_mask", b.tensors.get("decoder_attention_mask")) for b in batches]
+        assert plan.padding == sum(0 if m is None else int((m == 0).sum()) for m in masks), packed
+        assert plan.supervised == sum(int((b.tensors["labels"][:, 1:] != IGNORE).sum()) for b in batches), packed
+        assert [b.indices for b in batches] == [[0, 1], [2]]
+        assert plan.padding > 0 if not packed else plan.padding == 0
+
+
+def text_sample(index: int, length: int) -> Encoded:
+    ids = torch.arange(1, length + 1)
+    labels = ids.masked_fill(ids <= length // 2, IGNORE)
+    return Encoded(index, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels},
+                   ("input_ids", "attention_mask", "labels"))
+
+
+def test_stream_collates_ahead_on_a_helper_thread_in_order():
+    """Batcher.stream: the same micro-batches as collating them all at once, in order, collated on another
+    thread at most `ahead` before the loop takes them; a collation error is raised in the loop."""
+    import threading
+
+    samples = [text_sample(i, 3 + i) for i in range(7)]
+    batcher = Batcher(0, 2, None, False, None, None)
+    want = batcher(samples)
+    started, threads = [], set()
+
+    def collate(rows):
+        started.append(len(rows))
+        threads.add(threading.current_thread().name)
+        if rows[0].index == 4 and fail:
+            raise ValueError("bad sample 4")
+        return Batcher.collate(batcher, rows)
+
+    batcher.collate = collate
+    for ahead in (1, 2, 3):
+        fail, started[:] = False, []
+        got = []
+        for i, b in enumerate(batcher.stream(batcher.plan(samples), ahead=ahead)):
+            assert len(started) <= i + 1 + ahead
+            got.append(b)
+        assert [b.indices for b in got] == [b.indices for b in want] == [[0, 1], [2, 3], [4, 5], [6]]
+        assert all(torch.equal(g.tensors[k], w.tensors[k]) for g, w in zip(got, want, strict=True) for k in w.tensors)
+    assert {t.split("_")[0] for t in threads} == {"vlmtune-collate"}
+    fail = True
+    taken = []
+    with pytest.raises(ValueError, match="bad sample 4"):
+        for b in batcher.stream(batcher.plan(samples)):
+            taken.append(b.indices)
+    assert taken == [[0, 1], [2, 3]]
 
 
 def gradients(model, batch) -> dict[str, torch.Tensor]:

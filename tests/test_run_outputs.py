@@ -53,10 +53,10 @@ def test_the_loop_feeds_tensorboard_and_a_resumed_run_continues_it(tiny_model_di
              checkpoint={"every_steps": 2}, eval={"every_steps": 2, "max_samples": 2, "max_new_tokens": 3})
     real = train_mod.train_step
 
-    def dies_in_step_4(state, engine, batches):
+    def dies_in_step_4(state, engine, plan, batches):
         if state.run.step == 3:
             raise KeyboardInterrupt("killed")
-        return real(state, engine, batches)
+        return real(state, engine, plan, batches)
 
     monkeypatch.setattr(train_mod, "train_step", dies_in_step_4)
     with pytest.raises(KeyboardInterrupt):

@@ -1,5 +1,7 @@
 """A step's samples -> its micro-batches: grouping (fixed size or token budget), the same count on every rank,
-a vision filler row when several ranks run, and padding-free packing.
+a vision filler row when several ranks run, and padding-free packing. The loop plans a step at once
+(:meth:`Batcher.plan`) and takes the collated micro-batches from a helper thread that works ahead of it
+(:meth:`Batcher.stream`), page-locked on CUDA so the copies to the device do not block.
 
 Packing puts a micro-batch's samples into one row. Each sample keeps the positions it would have had alone
 (for the Qwen families the 3-D mRoPE positions the model's own ``get_rope_index`` computes, plus a leading row
@@ -16,7 +18,9 @@ tests/test_packing.py checks, per family, that packed logits and losses equal th
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +28,7 @@ import torch
 from vlmtune.encode import IGNORE, Encoded
 from vlmtune.errors import PackingError
 from vlmtune.families import Family
+from vlmtune.loss import supervised_count
 from vlmtune.parallel import max_over_ranks
 
 VISION_PREFIX = "pixel_values"
@@ -35,9 +40,9 @@ def check_packing(family: Family) -> None:
                            "Set train.packing=false (train.micro_batch_tokens still keeps padding low).")
 
 
-def collate(samples: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad sequence-aligned tensors on the right; concatenate the vision tensors. The result is the model's
-    inputs plus ``labels`` (see vlmtune.loss.model_inputs)."""
+def collate(samples: Sequence[Encoded], pad_id: int, pin: bool = False) -> dict[str, torch.Tensor]:
+    """Pad sequence-aligned tensors on the right; concatenate the vision tensors (into page-locked memory if
+    `pin`). The result is the model's inputs plus ``labels`` (see vlmtune.loss.model_inputs)."""
     kept = list(samples)
     batch: dict[str, torch.Tensor] = {}
     if not kept:
@@ -51,7 +56,10 @@ def collate(samples: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
             rows = [torch.nn.functional.pad(e.tensors[key], (0, width - e.length), value=fill) for e in kept]
             batch[key] = torch.stack(rows)
         else:
-            batch[key] = torch.cat(_zero_pad_trailing([e.tensors[key] for e in kept if key in e.tensors]))
+            parts = _zero_pad_trailing([e.tensors[key] for e in kept if key in e.tensors])
+            out = torch.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), dtype=parts[0].dtype,
+                              pin_memory=pin)
+            batch[key] = torch.cat(parts, out=out)
     return batch
 
 
@@ -131,31 +139,43 @@ def filler_sample(encoder) -> Encoded:
 Extras = Callable[[dict], dict]
 
 
-def micro_batch(samples: list[Encoded], pad_id: int, filler: Encoded | None = None, packed: bool = False,
-                rope: torch.nn.Module | None = None, extras: Extras | None = None) -> dict[str, torch.Tensor]:
+def micro_batch(samples: list[Encoded], pad_id: int, packed: bool = False, rope: torch.nn.Module | None = None,
+                extras: Extras | None = None, pin: bool = False) -> dict[str, torch.Tensor]:
     """Collate one micro-batch, packed into one row if `packed` (`rope`: see :func:`rope_index_module`);
-    `filler` is added when no sample has images; `extras(batch)` adds the attention's host-side keywords."""
-    rows = [*samples, filler] if filler is not None and not any(has_vision(s) for s in samples) else list(samples)
-    batch = collate(rows, pad_id)
+    `extras(batch)` adds the attention's host-side keywords; `pin`: every tensor in page-locked memory."""
+    batch = collate(samples, pad_id, pin)
     batch = pack(batch, rope) if packed else batch
     if extras is not None and batch:
         batch.update(extras(batch))
+    if pin:  # the large vision tensors were collated into page-locked memory; the rest are small
+        batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) and not v.is_pinned() else v
+                 for k, v in batch.items()}
     return batch
 
 
 @dataclass
 class MicroBatch:
-    """One forward's tensors (the model's inputs plus ``labels``) and what the loop keeps track of beside them."""
+    """One forward's tensors (the model's inputs plus ``labels``) and the dataset indices of its real samples."""
 
     tensors: dict[str, torch.Tensor]
-    indices: list[int]  # dataset indices of the real samples (a filler row is not among them)
+    indices: list[int]  # a filler row is not among them
+
+
+@dataclass
+class Plan:
+    """A step's micro-batches on this rank before they are collated: the rows of each, and what the loop counts."""
+
+    rows: list[list[Encoded]]  # as many micro-batches on every rank; a filler row where one is added
+    supervised: int  # targets trained, as the collated labels hold them (the loss is normalised by it first)
+    padding: int  # pad positions of the collated micro-batches (0 when packed)
     vision_samples: int  # real samples with images or video
 
 
 @dataclass
 class Batcher:
     """Loaded samples -> the micro-batches one rank runs: grouped by count or token
-    budget, as many on every rank (all-reduced), packed or padded, with a vision filler row when distributed."""
+    budget, as many on every rank (all-reduced), packed or padded, with a vision filler row when distributed.
+    :meth:`plan` decides (cheap, on the loop's thread: it takes part in a collective); :meth:`stream` collates."""
 
     pad_id: int
     size: int
@@ -165,19 +185,41 @@ class Batcher:
     filler: Encoded | None
     uniform: tuple[str, ...] = ()  # Family.uniform_media: samples whose shapes of these differ never share one
     extras: Extras | None = None  # vlmtune.attention.host_inputs
+    pin: bool = False  # CUDA: page-locked tensors, so the loop's non-blocking copies run beside the device's work
 
-    def __call__(self, samples: list[Encoded]) -> list[MicroBatch]:
+    def plan(self, samples: list[Encoded]) -> Plan:
         groups = []
         for bucket in _buckets(samples, self.uniform):
             groups += [[bucket[i] for i in g] for g in group([samples[i].length for i in bucket], self.size,
                                                              self.budget, self.packed)]
         groups = equalize(groups, max_over_ranks(len(groups)))
-        out = []
-        for g in groups:
-            chosen = [samples[i] for i in g]
-            out.append(MicroBatch(micro_batch(chosen, self.pad_id, self.filler, self.packed, self.rope, self.extras),
-                                  [s.index for s in chosen], sum(has_vision(s) for s in chosen)))
-        return out
+        rows = [[samples[i] for i in g] for g in groups]
+        if self.filler is not None:
+            rows = [r if any(has_vision(s) for s in r) else [*r, self.filler] for r in rows]
+        padding = 0 if self.packed else sum(len(r) * max(s.length for s in r) - sum(s.length for s in r)
+                                            for r in rows if r)
+        return Plan(rows, sum(supervised_count(s.tensors["labels"][None]) for s in samples), padding,
+                    sum(has_vision(s) for s in samples))
+
+    def collate(self, rows: list[Encoded]) -> MicroBatch:
+        tensors = micro_batch(rows, self.pad_id, self.packed, self.rope, self.extras, self.pin)
+        return MicroBatch(tensors, [s.index for s in rows if s is not self.filler])
+
+    def __call__(self, samples: list[Encoded]) -> list[MicroBatch]:
+        """All of them at once (validation, tests)."""
+        return [self.collate(r) for r in self.plan(samples).rows]
+
+    def stream(self, plan: Plan, ahead: int = 2) -> Iterator[MicroBatch]:
+        """The plan's micro-batches in order, each collated (packed, pinned) on a helper thread up to `ahead`
+        before the loop takes it: the host prepares micro-batch i + 1 while the device runs micro-batch i, even
+        where the forward waits on the device. A collation error is raised here, in the loop's thread."""
+        with ThreadPoolExecutor(1, thread_name_prefix="vlmtune-collate") as pool:
+            pending = deque(pool.submit(self.collate, r) for r in plan.rows[:ahead])
+            for rows in plan.rows[ahead:] + [None] * len(pending):
+                done = pending.popleft().result()
+                if rows is not None:
+                    pending.append(pool.submit(self.collate, rows))
+                yield done
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -225,9 +267,3 @@ def pack(batch: dict, rope: torch.nn.Module | None = None) -> dict:
     out["labels"] = out["labels"].masked_fill(flat_text == 0, IGNORE)  # a sample's first token: no target
     out["position_ids"] = flat_text if mrope is None else torch.cat([flat_text[None], mrope[:, keep][:, None]])
     return out
-
-
-def padding_tokens(batch: dict) -> int:
-    """Pad positions in a micro-batch (0 when packed): its attention mask's zeros (an encoder-decoder's decoder's)."""
-    mask = batch.get("attention_mask", batch.get("decoder_attention_mask"))
-    return 0 if mask is None else int(mask.numel() - mask.sum())

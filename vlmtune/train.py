@@ -17,7 +17,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vlmtune.attention import host_inputs, setup_attention
-from vlmtune.batching import Batcher, MicroBatch, check_packing, filler_sample, padding_tokens, rope_index_module
+from vlmtune.batching import Batcher, MicroBatch, Plan, check_packing, filler_sample, rope_index_module
 from vlmtune.checkpoint import (
     Checkpoints,
     RunState,
@@ -231,7 +231,7 @@ def setup(recipe: Recipe) -> Session:
     forward = parallelize(model, family, recipe.distributed, strategy, device)
     if tcfg.compile:  # after sharding / checkpointing: each layer compiled as it will run (vlmtune/compile.py)
         compile_regions(model)
-    data = build_data(recipe, processor, family, model, rank, world_size)
+    data = build_data(recipe, processor, family, model, device, rank, world_size)
     total_steps = tcfg.max_steps or math.ceil(tcfg.epochs * data.train_size / tcfg.global_batch_size)
     optimizer, scheduler = build_optimizer(recipe, model, family, device, total_steps)
     weights_dtype = next(model.parameters()).dtype
@@ -288,7 +288,7 @@ def build_model(recipe: Recipe, device: torch.device, rank: int) -> tuple[torch.
     return model, processor, family, trainable
 
 
-def build_data(recipe: Recipe, processor, family: Family, model: torch.nn.Module, rank: int,
+def build_data(recipe: Recipe, processor, family: Family, model: torch.nn.Module, device: torch.device, rank: int,
                world_size: int) -> Data:
     """Rows -> conversations -> encoded samples in loader workers, grouped into this rank's micro-batches."""
     tcfg = recipe.train
@@ -301,7 +301,7 @@ def build_data(recipe: Recipe, processor, family: Family, model: torch.nn.Module
     batcher = Batcher(pad_id, tcfg.micro_batch_size, tcfg.micro_batch_tokens, tcfg.packing,
                       rope_index_module(model) if tcfg.packing else None,
                       filler_sample(encoder) if world_size > 1 else None, family.uniform_media,
-                      host_inputs(model, bucket=tcfg.compile))
+                      host_inputs(model, bucket=tcfg.compile), pin=device.type == "cuda")
     sampler, loaded = train_stream(train_ds, recipe, rank, world_size)
     val_loader = None
     if recipe.data.validation is not None:
@@ -344,23 +344,24 @@ class StepResult:
     grad_norm: float
     lr: float  # train.lr as scheduled for this step
     finite: bool  # False: a NaN/inf loss or norm; the update was skipped
+    supervised: int  # the step's supervised tokens over every rank (the loss's divisor)
 
 
-def train_step(state: TrainState, e: Engine, batches: list[MicroBatch]) -> StepResult:
-    """One optimizer step over this rank's micro-batches: forward and backward each, check, clip, update.
-    A NaN/inf step is skipped: no optimizer or scheduler step, its gradients dropped."""
-    global_sup = sum_over_ranks(sum(supervised_count(b.tensors["labels"]) for b in batches))  # CPU labels: no sync
+def train_step(state: TrainState, e: Engine, plan: Plan, batches: Iterable[MicroBatch]) -> StepResult:
+    """One optimizer step over this rank's micro-batches (`batches`, collated as `plan` says): forward and backward
+    each, check, clip, update. A NaN/inf step is skipped: no optimizer or scheduler step, its gradients dropped."""
+    global_sup = int(sum_over_ranks(plan.supervised))  # counted on the host before any forward: no sync
     step_loss = torch.zeros((), dtype=torch.float64, device=e.device)  # read once per step, not per micro-batch
     for i, b in enumerate(batches):
         tensors = to_device(b.tensors, e.device, e.dtype, e.cast_keys)
-        with sync_context(e.forward, last=i == len(batches) - 1):
+        with sync_context(e.forward, last=i == len(plan.rows) - 1):
             with e.amp():
                 loss = loss_sum(e.forward, tensors, e.chunk_tokens, e.kernel, e.token_weights) / max(global_sup, 1)
             (loss * e.loss_factor).backward()
         step_loss += loss.detach().double()
     step_loss = sum_over_ranks(float(step_loss))
     # First step (vision parts: first step with images); then a no-op.
-    e.grad_check(state.model, images=any(b.vision_samples for b in batches))
+    e.grad_check(state.model, images=plan.vision_samples > 0)
     grad_norm = clip_grad_norm(e.params, e.max_grad_norm)
     lr = state.scheduler.get_last_lr()[0] / state.optimizer.param_groups[0]["lr_multiplier"]  # of train.lr
     finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
@@ -368,7 +369,7 @@ def train_step(state: TrainState, e: Engine, batches: list[MicroBatch]) -> StepR
         state.optimizer.step()
         state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
-    return StepResult(step_loss, grad_norm, lr, finite)
+    return StepResult(step_loss, grad_norm, lr, finite, global_sup)
 
 
 def next_samples(s: Session) -> list[Encoded]:
@@ -390,12 +391,12 @@ def train_loop(s: Session, stop: StopSignals) -> Path | None:
     for step in range(run.step + 1, s.total_steps + 1):
         t0 = time.perf_counter()
         samples = next_samples(s)
-        batches = s.data.batcher(samples)
-        result = train_step(s.state, s.engine, batches)
+        plan = s.data.batcher.plan(samples)
+        result = train_step(s.state, s.engine, plan, s.data.batcher.stream(plan))
         run.step, run.last_loss = step, result.loss
         run.bad_in_row = 0 if result.finite else run.bad_in_row + 1
         run.nonfinite_steps += not result.finite
-        log_step(s, result, samples, batches, time.perf_counter() - t0)
+        log_step(s, result, samples, plan, time.perf_counter() - t0)
         if not result.finite:
             check_nonfinite(run, result.loss, result.grad_norm, tcfg.max_bad_steps, s.rank)
 
@@ -413,16 +414,14 @@ def save_checkpoint(s: Session) -> Path:
     return s.ckpts.save(s.recipe, s.state)
 
 
-def log_step(s: Session, result: StepResult, samples: list[Encoded], batches: list[MicroBatch],
-             elapsed: float) -> None:
+def log_step(s: Session, result: StepResult, samples: list[Encoded], plan: Plan, elapsed: float) -> None:
     run = s.state.run
     tokens = sum_over_ranks(sum(x.length for x in samples))
-    padding = sum_over_ranks(sum(padding_tokens(b.tensors) for b in batches))
-    supervised = sum_over_ranks(sum(supervised_count(b.tensors["labels"]) for b in batches))
+    padding = sum_over_ranks(plan.padding)
     record = {"step": run.step, "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
               "tokens": int(tokens),
-              "supervised_tokens": int(supervised), "tokens_per_s": tokens / elapsed,
-              "padding_fraction": padding / max(1.0, tokens + padding), "micro_batches": len(batches),
+              "supervised_tokens": result.supervised, "tokens_per_s": tokens / elapsed,
+              "padding_fraction": padding / max(1.0, tokens + padding), "micro_batches": len(plan.rows),
               "epoch": s.state.sampler.epoch}
     if not result.finite:
         record.update(skipped_nonfinite=True, nonfinite_steps=run.nonfinite_steps)
