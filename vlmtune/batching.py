@@ -17,6 +17,7 @@ tests/test_packing.py checks, per family, that packed logits and losses equal th
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -57,8 +58,8 @@ def collate(samples: Sequence[Encoded], pad_id: int, pin: bool = False) -> dict[
             batch[key] = torch.stack(rows)
         else:
             parts = _zero_pad_trailing([e.tensors[key] for e in kept if key in e.tensors])
-            out = torch.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), dtype=parts[0].dtype,
-                              pin_memory=pin)
+            dtype = functools.reduce(torch.promote_types, (p.dtype for p in parts))  # as torch.cat would
+            out = torch.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), dtype=dtype, pin_memory=pin)
             batch[key] = torch.cat(parts, out=out)
     return batch
 
