@@ -21,6 +21,7 @@ causal or sliding-window mask, e.g. Llama 4's chunked layers) reads the samples 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import pairwise
 
 import torch
@@ -190,11 +191,13 @@ def bucketed(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+@dataclass
 class HostInputs:
     """Adds the attention keywords to a micro-batch on the host (see :func:`host_inputs`)."""
 
-    def __init__(self, vision, packed_text: bool, bucket: bool):
-        self.vision, self.packed_text, self.bucket = vision, packed_text, bucket
+    vision: VisionInputs | None
+    packed_text: bool
+    bucket: bool
 
     def __call__(self, batch: dict) -> dict:
         out = self.vision(batch) if self.vision is not None else {}

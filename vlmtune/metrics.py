@@ -22,6 +22,7 @@ def strict_json(record: dict) -> dict:
     """The record with NaN / inf values (a skipped step, see checkpoint.py) as None: written as null."""
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
+
 class Metrics:
     """One JSON object per line in ``output_dir/metrics.jsonl``, the same numbers to the trackers; only the writing
     rank writes."""

@@ -48,7 +48,7 @@ def load_image(value: Any, root: Path | None, index: int, max_pixels: int = DEFA
     if value is None:
         raise sample_error(index, "bad_record", "an image is missing (null); fix or remove the record")
     raise sample_error(index, "bad_record", f"image value of type {type(value).__name__} is not supported; use a "
-                                      "path, a PIL image or {'bytes': ..., 'path': ...}")
+                                            "path, a PIL image or {'bytes': ..., 'path': ...}")
 
 
 def local_path(ref: str, root: Path | None) -> Path:
@@ -61,7 +61,7 @@ def local_path(ref: str, root: Path | None) -> Path:
 def _image_at(ref: str, root: Path | None, index: int, max_pixels: int) -> PIL.Image.Image:
     if ref.startswith(("http://", "https://")):
         raise sample_error(index, "unreadable_image", f"image {ref!r} is a remote URL; vlmtune does not fetch images "
-                                                "over the network: download them and use local paths")
+                                                      "over the network: download them and use local paths")
     if ref.startswith("data:") and ";base64," in ref:
         try:
             data = base64.b64decode(ref.split(";base64,", 1)[1])
@@ -71,7 +71,7 @@ def _image_at(ref: str, root: Path | None, index: int, max_pixels: int) -> PIL.I
     path = local_path(ref, root)
     if not path.is_file():
         raise sample_error(index, "unreadable_image", f"image {ref!r} not found (looked at {str(path)!r}); fix the "
-                                                "path or set the data source's image_root")
+                                                      "path or set the data source's image_root")
     return _decode(path, ref, index, max_pixels)
 
 
@@ -90,7 +90,7 @@ def _decode(source: PIL.Image.Image | io.BytesIO | Path, label: str, index: int,
     except (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise sample_error(index, "unreadable_image",
-                     f"image {label!r} could not be read ({reason}); fix or remove the file") from e
+                           f"image {label!r} could not be read ({reason}); fix or remove the file") from e
 
 
 def image_summary(im: PIL.Image.Image, thumbnail: int = 0) -> dict:
